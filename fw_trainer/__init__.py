@@ -1,0 +1,30 @@
+"""Fisher-Weighted LoRA (FW-LoRA) for Hugging Face `Trainer` and `peft`."""
+
+__version__ = "0.1.0"
+
+from .adalora_callback import AdaLoraAllocationCallback
+from .adapted_matrices import AdaptedMatrix, find_adapted_matrices
+from .arguments import FWLoraArguments
+from .fisher_callback import FisherWarmupCallback
+from .importance import bias_corrected, ema_update, normalize_importances
+from .model_builder import AdapterSummary, build_peft_model, rank_for_budget, resolve_target_modules
+from .penalty import FisherWeightedPenalty
+from .trainer import FWLoraTrainer
+
+
+__all__ = [
+    "AdaLoraAllocationCallback",
+    "AdaptedMatrix",
+    "AdapterSummary",
+    "FWLoraArguments",
+    "FWLoraTrainer",
+    "FisherWarmupCallback",
+    "FisherWeightedPenalty",
+    "bias_corrected",
+    "build_peft_model",
+    "ema_update",
+    "find_adapted_matrices",
+    "normalize_importances",
+    "rank_for_budget",
+    "resolve_target_modules",
+]

@@ -1,0 +1,105 @@
+"""Drives peft's AdaLoRA rank allocator from the Trainer's optimizer steps (peft ships no such callback)."""
+
+import json
+import logging
+import math
+import os
+from typing import Optional
+
+from peft import PeftModel
+from peft.tuners.adalora import AdaLoraModel
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+
+logger = logging.getLogger(__name__)
+
+RANK_PATTERN_FILE = "adalora_rank_pattern.json"
+
+
+def resolve_schedule_steps(value: float, total_steps: int) -> int:
+    """A step count given either as an absolute number (>= 1) or as a fraction (< 1) of `total_steps`."""
+    return int(value) if value >= 1 else int(math.floor(value * total_steps))
+
+
+class AdaLoraAllocationCallback(TrainerCallback):
+    r"""
+    Calls `update_and_allocate(global_step)` of peft's AdaLoRA model once per optimizer step, after the optimizer step
+    and before `zero_grad` (where the gradients it scores still exist), with the 0-based index of that step.
+
+    When training begins, AdaLoRA's `total_step`, `tinit` and `tfinal` are set from the Trainer's real number of
+    optimizer steps (`tinit`/`tfinal` below 1 are fractions of it). The current total rank budget is exposed as
+    [`budget`] for logging, and the final rank pattern is written to `output_dir/adalora_rank_pattern.json` (and kept in
+    the adapter config that `save_pretrained` writes).
+
+    Args:
+        tinit (`float`): Steps before pruning starts (a fraction of the total if below 1).
+        tfinal (`float`): Final steps with a fixed rank pattern (a fraction of the total if below 1).
+        adapter_name (`str`, *optional*, defaults to `"default"`): The AdaLoRA adapter.
+    """
+
+    def __init__(self, tinit: float, tfinal: float, adapter_name: str = "default"):
+        self.tinit = tinit
+        self.tfinal = tfinal
+        self.adapter_name = adapter_name
+        self.budget: Optional[int] = None
+        self.num_matrices: Optional[int] = None
+
+    @staticmethod
+    def _adalora_model(model) -> AdaLoraModel:
+        base = model.base_model if isinstance(model, PeftModel) else model
+        if not isinstance(base, AdaLoraModel):
+            raise ValueError(
+                "`method='adalora'` needs a peft AdaLoRA model (`get_peft_model(model, AdaLoraConfig(...))` or "
+                f"`fw_trainer.build_peft_model`), but the model's base is a {type(base).__name__}."
+            )
+        return base
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        adalora = self._adalora_model(kwargs["model"])
+        config = adalora.peft_config[self.adapter_name]
+        total_steps = state.max_steps
+        config.total_step = total_steps
+        config.tinit = resolve_schedule_steps(self.tinit, total_steps)
+        config.tfinal = resolve_schedule_steps(self.tfinal, total_steps)
+        if config.tinit >= total_steps - config.tfinal:
+            raise ValueError(
+                f"AdaLoRA's schedule does not fit in {total_steps} optimizer steps: tinit={config.tinit} must be "
+                f"below total_step - tfinal = {total_steps - config.tfinal}. Lower `adalora_tinit`/`adalora_tfinal` "
+                "or train for more steps."
+            )
+        allocator = adalora.rankallocator
+        allocator.set_total_step(total_steps)
+        self.num_matrices = len(allocator.name_set)
+        self.budget = allocator.budget_schedule(state.global_step)[0]
+        logger.info(
+            "AdaLoRA schedule: %d steps, tinit=%d, tfinal=%d, deltaT=%d, total rank budget %d -> %d over %d matrices",
+            total_steps,
+            config.tinit,
+            config.tfinal,
+            config.deltaT,
+            allocator.init_bgt,
+            allocator.target_bgt,
+            self.num_matrices,
+        )
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        adalora = self._adalora_model(kwargs["model"])
+        # `global_step` is incremented after this event: it is the 0-based index of the step just taken.
+        adalora.update_and_allocate(state.global_step)
+        self.budget = adalora.rankallocator.budget_schedule(state.global_step)[0]
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        config = self._adalora_model(kwargs["model"]).peft_config[self.adapter_name]
+        if config.rank_pattern is None:
+            logger.warning("AdaLoRA never allocated ranks (training too short?): no rank pattern to save.")
+            return
+        if state.is_world_process_zero:
+            self.save_rank_pattern(config.rank_pattern, args.output_dir)
+
+    @staticmethod
+    def save_rank_pattern(rank_pattern: dict[str, list[bool]], output_dir: str) -> None:
+        """Writes the rank pattern with the resulting rank of every matrix."""
+        os.makedirs(output_dir, exist_ok=True)
+        ranks = {name: int(sum(mask)) for name, mask in rank_pattern.items()}
+        with open(os.path.join(output_dir, RANK_PATTERN_FILE), "w") as f:
+            json.dump({"ranks": ranks, "total_rank": sum(ranks.values()), "rank_pattern": rank_pattern}, f, indent=2)

@@ -1,0 +1,165 @@
+"""Command-line arguments of the fine-tuning method (LoRA, AdaLoRA, FW-LoRA or full fine-tuning)."""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+METHODS = ("lora", "adalora", "fw_lora", "full")
+NORMALIZATIONS = ("sum", "max")
+PENALTIES = ("delta", "factors")
+
+
+@dataclass
+class FWLoraArguments:
+    r"""
+    Arguments of the fine-tuning method, parsed by [`~transformers.HfArgumentParser`] next to
+    [`~transformers.TrainingArguments`]. Every field is prefixed (`lora_`, `adalora_`, `fw_`) so that it never
+    collides with a `TrainingArguments` flag.
+
+    Args:
+        method (`str`, *optional*, defaults to `"fw_lora"`):
+            One of `"lora"` (plain LoRA), `"adalora"` (peft's AdaLoRA), `"fw_lora"` (Fisher-weighted LoRA) or `"full"`
+            (full fine-tuning, as a reference).
+        lora_r (`int`, *optional*):
+            LoRA rank of every adapted matrix (AdaLoRA: the final average rank `target_r`). Defaults to 8 unless
+            `lora_budget` is given.
+        lora_budget (`float`, *optional*):
+            Adapter parameter budget as a percentage of the base model's parameters (e.g. `0.2` for 0.2 %). The
+            nearest uniform integer rank is used; mutually exclusive with `lora_r`.
+        lora_alpha (`float`, *optional*, defaults to `16`):
+            LoRA scaling numerator; the scaling is `lora_alpha / r`.
+        lora_dropout (`float`, *optional*, defaults to `0.0`):
+            Dropout on the LoRA branch input.
+        lora_target_modules (`list[str]`, *optional*):
+            Module names (or name suffixes) to adapt. Defaults to the six roles of every encoder layer: query, key,
+            value, attention output, FFN in, FFN out.
+        adalora_init_r_ratio (`float`, *optional*, defaults to `1.5`):
+            AdaLoRA's initial rank is `ceil(adalora_init_r_ratio * lora_r)`.
+        adalora_tinit (`float`, *optional*, defaults to `0.1`):
+            AdaLoRA steps before rank pruning starts; a value below 1 is a fraction of the total optimizer steps.
+        adalora_tfinal (`float`, *optional*, defaults to `0.2`):
+            AdaLoRA steps at the end with a fixed rank pattern; a value below 1 is a fraction of the total steps.
+        adalora_delta_t (`int`, *optional*, defaults to `10`):
+            Steps between two AdaLoRA rank re-allocations.
+        adalora_beta1 (`float`, *optional*, defaults to `0.85`):
+            EMA decay of AdaLoRA's sensitivity.
+        adalora_beta2 (`float`, *optional*, defaults to `0.85`):
+            EMA decay of AdaLoRA's uncertainty.
+        adalora_orth_reg_weight (`float`, *optional*, defaults to `0.5`):
+            Weight of AdaLoRA's orthogonality regulariser.
+        fw_lambda (`float`, *optional*, defaults to `1e-4`):
+            Weight λ of the Fisher-weighted penalty `λ Σ_m (1 − I_m) ‖ΔW_m‖²`.
+        fw_warmup_steps (`int`, *optional*, defaults to `500`):
+            Number K of optimizer steps during which the Fisher proxy is accumulated (plain LoRA training). Not to be
+            confused with the learning-rate warm-up `warmup_steps` of `TrainingArguments`.
+        fw_ema_decay (`float`, *optional*, defaults to `0.98`):
+            Decay α of the exponential moving average of the squared gradient norms.
+        fw_normalization (`str`, *optional*, defaults to `"sum"`):
+            `"sum"`: `I = F / ΣF` (the paper's); `"max"`: `I = F / max F`, which spreads the weights over [0, 1].
+        fw_penalty (`str`, *optional*, defaults to `"delta"`):
+            `"delta"`: the exact `‖scaling · B A‖_F²`; `"factors"`: `‖A‖_F² + ‖B‖_F²` as in the seed code.
+    """
+
+    method: str = field(default="fw_lora", metadata={"help": f"Fine-tuning method, one of {', '.join(METHODS)}."})
+    lora_r: Optional[int] = field(
+        default=None,
+        metadata={"help": "LoRA rank (AdaLoRA: final average rank). Defaults to 8 unless --lora_budget is given."},
+    )
+    lora_budget: Optional[float] = field(
+        default=None,
+        metadata={"help": "Adapter budget in %% of the base model's parameters; picks the nearest uniform rank."},
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scaling = lora_alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch input."})
+    lora_target_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Modules to adapt (names or suffixes). Default: q, k, v, attn-out, FFN in, FFN out."},
+    )
+    adalora_init_r_ratio: float = field(
+        default=1.5, metadata={"help": "AdaLoRA initial rank = ceil(ratio * lora_r)."}
+    )
+    adalora_tinit: float = field(
+        default=0.1, metadata={"help": "AdaLoRA steps before pruning; < 1 means a fraction of the total steps."}
+    )
+    adalora_tfinal: float = field(
+        default=0.2, metadata={"help": "AdaLoRA final steps with fixed ranks; < 1 means a fraction of the total."}
+    )
+    adalora_delta_t: int = field(default=10, metadata={"help": "Steps between AdaLoRA rank re-allocations."})
+    adalora_beta1: float = field(default=0.85, metadata={"help": "AdaLoRA sensitivity EMA decay."})
+    adalora_beta2: float = field(default=0.85, metadata={"help": "AdaLoRA uncertainty EMA decay."})
+    adalora_orth_reg_weight: float = field(default=0.5, metadata={"help": "AdaLoRA orthogonality loss weight."})
+    fw_lambda: float = field(default=1e-4, metadata={"help": "Weight of the Fisher-weighted penalty."})
+    fw_warmup_steps: int = field(
+        default=500,
+        metadata={"help": "Optimizer steps K of Fisher accumulation (not the learning-rate --warmup_steps)."},
+    )
+    fw_ema_decay: float = field(default=0.98, metadata={"help": "EMA decay of the squared gradient norms."})
+    fw_normalization: str = field(
+        default="sum", metadata={"help": "Importance normalisation: sum (I = F / sum F, paper) or max (F / max F)."}
+    )
+    fw_penalty: str = field(
+        default="delta",
+        metadata={"help": "Penalty: delta (exact ||scaling * B A||_F^2) or factors (||A||^2 + ||B||^2, seed code)."},
+    )
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"`method` should be one of {METHODS}, but the value passed is {self.method!r}.")
+        if self.lora_r is not None and self.lora_budget is not None:
+            raise ValueError(
+                "`lora_r` and `lora_budget` are mutually exclusive: pass an explicit rank or a budget, not both."
+            )
+        if self.lora_r is not None and self.lora_r < 1:
+            raise ValueError(f"`lora_r` should be a positive integer, but the value passed is {self.lora_r}.")
+        if self.lora_budget is not None and not 0 < self.lora_budget <= 100:
+            raise ValueError(
+                f"`lora_budget` should be a percentage in (0, 100], but the value passed is {self.lora_budget}."
+            )
+        if self.lora_alpha <= 0:
+            raise ValueError(f"`lora_alpha` should be greater than 0, but the value passed is {self.lora_alpha}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"`lora_dropout` should be in [0, 1), but the value passed is {self.lora_dropout}.")
+        if self.lora_target_modules is not None and len(self.lora_target_modules) == 0:
+            raise ValueError("`lora_target_modules` should name at least one module, but an empty list was passed.")
+        if self.adalora_init_r_ratio < 1:
+            raise ValueError(
+                f"`adalora_init_r_ratio` should be at least 1, but the value passed is {self.adalora_init_r_ratio}."
+            )
+        for name in ("adalora_tinit", "adalora_tfinal"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` should be >= 0, but the value passed is {getattr(self, name)}.")
+        if self.adalora_delta_t < 1:
+            raise ValueError(f"`adalora_delta_t` should be >= 1, but the value passed is {self.adalora_delta_t}.")
+        for name in ("adalora_beta1", "adalora_beta2"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"`{name}` should be in (0, 1), but the value passed is {getattr(self, name)}.")
+        if self.adalora_orth_reg_weight < 0:
+            raise ValueError(
+                "`adalora_orth_reg_weight` should be greater than or equal to 0, but the value passed is "
+                f"{self.adalora_orth_reg_weight}."
+            )
+        if self.fw_lambda < 0:
+            raise ValueError(
+                f"`fw_lambda` should be greater than or equal to 0, but the value passed is {self.fw_lambda}."
+            )
+        if self.fw_warmup_steps < 0:
+            raise ValueError(
+                f"`fw_warmup_steps` should be greater than or equal to 0, but the value passed is "
+                f"{self.fw_warmup_steps}."
+            )
+        if not 0 < self.fw_ema_decay < 1:
+            raise ValueError(f"`fw_ema_decay` should be in (0, 1), but the value passed is {self.fw_ema_decay}.")
+        if self.fw_normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"`fw_normalization` should be one of {NORMALIZATIONS}, but the value passed is "
+                f"{self.fw_normalization!r}."
+            )
+        if self.fw_penalty not in PENALTIES:
+            raise ValueError(
+                f"`fw_penalty` should be one of {PENALTIES}, but the value passed is {self.fw_penalty!r}."
+            )
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether the method trains low-rank adapters (every method but full fine-tuning)."""
+        return self.method != "full"

@@ -1,0 +1,312 @@
+"""Warm-up estimation of the per-matrix Fisher proxy `F_m` and its freezing into importances `I_m`."""
+
+import json
+import logging
+import os
+import warnings
+from functools import partial
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .adapted_matrices import AdaptedMatrix, find_adapted_matrices
+from .importance import bias_corrected, ema_update, normalize_importances
+
+
+logger = logging.getLogger(__name__)
+
+IMPORTANCE_FILE = "fw_importance.json"
+
+
+class _LossGradientProbe(torch.autograd.Function):
+    """
+    Identity on the loss whose backward records `∂(backpropagated objective)/∂loss`: the product of every factor
+    applied to the loss after `compute_loss` (1 / gradient-accumulation steps, the fp16 loss scale, ...). It runs
+    before the backward of any layer, so the layer hooks can divide it out and see the micro-batch's own loss.
+    """
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, callback: "FisherWarmupCallback") -> torch.Tensor:
+        ctx.callback = callback
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        ctx.callback._loss_grad = grad_output.detach().float()
+        return grad_output, None
+
+
+class FisherWarmupCallback(TrainerCallback):
+    r"""
+    Accumulates, for the first `warmup_steps` optimizer steps, an exponential moving average of
+    `‖∇_{W_m} L‖_F²` for every frozen weight `W_m` that carries a LoRA adapter, then freezes the normalised
+    importances `I_m` and removes its hooks (no cost afterwards).
+
+    Per optimizer step `t`, `g_{m,t}` is the mean over the step's micro-batches, on every rank, of the squared
+    gradient norm of that micro-batch's own mean task loss (gradient-accumulation division and fp16 loss scale
+    undone, non-finite micro-batches skipped). Then `F_m ← α F_m + (1 − α) g_{m,t}` from `F_m = 0`, read back with
+    Adam's bias correction `F_m / (1 − α^t)`, so the first step is not over-weighted. All ranks all-reduce one vector of
+    `M + 1` floats per step and end with identical `F`.
+
+    The gradient is never stored: a forward hook keeps the layer input `X` (autograd keeps it for `lora_A` anyway)
+    and a tensor hook on the layer output receives `G = ∂L/∂y`; then `‖∇W‖² = ‖Gᵀ X‖²`. Frozen weights stay frozen,
+    out of the optimizer and out of DDP's buckets.
+
+    This callback is driven by [`FWLoraTrainer`], which routes its training loss through [`scale_probe`].
+
+    Args:
+        warmup_steps (`int`): Number K of optimizer steps of accumulation.
+        ema_decay (`float`, *optional*, defaults to `0.98`): Decay α of the moving average.
+        normalization (`str`, *optional*, defaults to `"sum"`): `"sum"` (`I = F / ΣF`) or `"max"` (`I = F / max F`).
+        adapter_name (`str`, *optional*, defaults to `"default"`): The LoRA adapter whose matrices are measured.
+    """
+
+    def __init__(
+        self, warmup_steps: int, ema_decay: float = 0.98, normalization: str = "sum", adapter_name: str = "default"
+    ):
+        self.warmup_steps = warmup_steps
+        self.ema_decay = ema_decay
+        self.normalization = normalization
+        self.adapter_name = adapter_name
+
+        self.matrices: Optional[list[AdaptedMatrix]] = None
+        self.fisher: Optional[torch.Tensor] = None  # bias-corrected F, set when frozen
+        self.importances: Optional[torch.Tensor] = None  # I, set when frozen
+        self.frozen_at_step: Optional[int] = None
+        self._ema: Optional[torch.Tensor] = None
+        self._num_updates: Optional[torch.Tensor] = None
+        self._step_sum: Optional[torch.Tensor] = None
+        self._step_count: Optional[torch.Tensor] = None
+        self._pending: list[Optional[torch.Tensor]] = []
+        self._loss_grad: Optional[torch.Tensor] = None
+        self._handles: list[Any] = []
+        self._state_to_restore: Optional[dict] = None
+
+    # ----- state ------------------------------------------------------------------------------------------------
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the importances are frozen (the warm-up is over)."""
+        return self.importances is not None
+
+    @property
+    def is_measuring(self) -> bool:
+        """Whether the hooks are installed (during the warm-up only)."""
+        return bool(self._handles)
+
+    @property
+    def penalty_weights(self) -> torch.Tensor:
+        """`1 − I_m` for every adapted matrix, once frozen."""
+        if not self.frozen:
+            raise RuntimeError("The importances are not frozen yet: the Fisher warm-up is still running.")
+        return 1.0 - self.importances
+
+    def _setup(self, model: nn.Module) -> None:
+        self.matrices = find_adapted_matrices(model, self.adapter_name)
+        if not self.matrices:
+            raise ValueError(
+                "FW-LoRA found no weight matrix carrying a LoRA adapter in the model. Wrap the model with "
+                "`peft.get_peft_model(model, LoraConfig(...))` (or `fw_trainer.build_peft_model`) before training."
+            )
+        device = self.matrices[0].lora_A.device
+        num_matrices = len(self.matrices)
+        self._ema = torch.zeros(num_matrices, device=device)
+        self._num_updates = torch.zeros((), device=device)
+        self._step_sum = torch.zeros(num_matrices, device=device)
+        self._step_count = torch.zeros((), device=device)
+        self._pending = [None] * num_matrices
+        if self._state_to_restore is not None:
+            self._apply_state(self._state_to_restore)
+            self._state_to_restore = None
+
+    # ----- hooks ------------------------------------------------------------------------------------------------
+
+    def _install_hooks(self) -> None:
+        for index, matrix in enumerate(self.matrices):
+            self._handles.append(matrix.layer.register_forward_hook(partial(self._forward_hook, index)))
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._pending = [None] * len(self.matrices)
+        self._loss_grad = None
+
+    def _forward_hook(self, index: int, module: nn.Module, args: tuple, output: Any) -> None:
+        # Under `no_grad` (evaluation, the first pass of reentrant gradient checkpointing) there is nothing to measure.
+        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        output.register_hook(partial(self._output_grad_hook, index, args[0]))
+
+    @torch.no_grad()
+    def _output_grad_hook(self, index: int, layer_input: torch.Tensor, output_grad: torch.Tensor) -> None:
+        if self._loss_grad is None:
+            raise RuntimeError(
+                "FisherWarmupCallback saw a backward pass that did not start from `FWLoraTrainer.compute_loss`. "
+                "Train with `fw_trainer.FWLoraTrainer` (it routes the loss through `scale_probe`)."
+            )
+        grad = output_grad.reshape(-1, output_grad.shape[-1]).float()
+        inputs = layer_input.reshape(-1, layer_input.shape[-1]).float()
+        # ∇W = Gᵀ X for y = X Wᵀ: one GEMM, the (d_out × d_in) result is dropped at once.
+        value = torch.mm(grad.t(), inputs).square().sum() / self._loss_grad.square()
+        previous = self._pending[index]
+        self._pending[index] = value if previous is None else previous + value
+
+    def scale_probe(self, loss: torch.Tensor) -> torch.Tensor:
+        """Routes the training loss through the probe that lets the hooks undo loss scaling (warm-up only)."""
+        if not self.is_measuring:
+            return loss
+        return _LossGradientProbe.apply(loss, self)
+
+    # ----- accumulation -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _fold_micro_batch(self) -> None:
+        """Adds the finished micro-batch's statistic to the step's sum, unless it is not finite."""
+        if self._loss_grad is None:  # no backward ran since the last fold
+            return
+        zero = self._step_sum.new_zeros(())
+        micro = torch.stack([zero if value is None else value for value in self._pending])
+        finite = torch.isfinite(micro).all()
+        self._step_sum += torch.where(finite, micro, zero)
+        self._step_count += finite
+        self._pending = [None] * len(self.matrices)
+        self._loss_grad = None
+
+    @torch.no_grad()
+    def _end_optimizer_step(self) -> None:
+        totals = torch.cat([self._step_sum, self._step_count.reshape(1)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
+        step_sum, step_count = totals[:-1], totals[-1]
+        step_mean = step_sum / step_count.clamp_min(1.0)
+        self._ema, self._num_updates = ema_update(
+            self._ema, self._num_updates, step_mean, step_count > 0, self.ema_decay
+        )
+        self._step_sum.zero_()
+        self._step_count.zero_()
+
+    @torch.no_grad()
+    def _freeze(self, args: TrainingArguments, state: TrainerState) -> None:
+        self._remove_hooks()
+        self.fisher = bias_corrected(self._ema, self._num_updates, self.ema_decay)
+        self.importances = normalize_importances(self.fisher, self.normalization).to(self.fisher.device)
+        self.frozen_at_step = state.global_step
+        if state.is_world_process_zero:
+            logger.info("FW-LoRA importances frozen at step %d:\n%s", state.global_step, self.format_table())
+            self.save(args.output_dir)
+
+    # ----- Trainer events ---------------------------------------------------------------------------------------
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.matrices is None:
+            self._setup(kwargs["model"])
+        if self.frozen:
+            return
+        if state.global_step >= self.warmup_steps:
+            self._freeze(args, state)
+        elif not self.is_measuring:
+            self._install_hooks()
+
+    def on_substep_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.is_measuring:
+            self._fold_micro_batch()
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.is_measuring:
+            self._fold_micro_batch()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if not self.is_measuring:
+            return
+        self._end_optimizer_step()
+        if state.global_step >= self.warmup_steps:
+            self._freeze(args, state)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.matrices is not None and not self.frozen:
+            warnings.warn(
+                f"Training ended after {state.global_step} optimizer steps, before the FW-LoRA warm-up of "
+                f"{self.warmup_steps} steps finished: the importances are frozen now from the steps seen, and the "
+                "penalty was never applied. Lower `fw_warmup_steps` or train longer.",
+                stacklevel=2,
+            )
+            self._freeze(args, state)
+
+    # ----- persistence ------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """A JSON-serialisable description of the estimate: module name → F, I, 1 − I, d_out, d_in, r, and the
+        moving-average state needed to resume mid-warm-up."""
+        fisher = self.fisher if self.frozen else bias_corrected(self._ema, self._num_updates, self.ema_decay)
+        modules = {}
+        for index, matrix in enumerate(self.matrices):
+            modules[matrix.name] = {
+                "fisher": fisher[index].item(),
+                "importance": self.importances[index].item() if self.frozen else None,
+                "penalty_weight": self.penalty_weights[index].item() if self.frozen else None,
+                "d_out": matrix.d_out,
+                "d_in": matrix.d_in,
+                "r": matrix.r,
+                "ema_raw": self._ema[index].item(),
+            }
+        return {
+            "frozen": self.frozen,
+            "frozen_at_step": self.frozen_at_step,
+            "warmup_steps": self.warmup_steps,
+            "ema_decay": self.ema_decay,
+            "normalization": self.normalization,
+            "num_updates": int(self._num_updates.item()),
+            "modules": modules,
+        }
+
+    def save(self, output_dir: str) -> None:
+        """Writes [`state_dict`] to `output_dir/fw_importance.json`."""
+        if self.matrices is None:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, IMPORTANCE_FILE), "w") as f:
+            json.dump(self.state_dict(), f, indent=2)
+
+    def load(self, checkpoint_dir: str) -> bool:
+        """Reads the state saved in a checkpoint (applied when training begins). Returns whether a file was found."""
+        path = os.path.join(checkpoint_dir, IMPORTANCE_FILE)
+        if not os.path.isfile(path):
+            return False
+        with open(path) as f:
+            state = json.load(f)
+        if self.matrices is None:
+            self._state_to_restore = state
+        else:
+            self._apply_state(state)
+        return True
+
+    def _apply_state(self, state: dict) -> None:
+        names = [matrix.name for matrix in self.matrices]
+        if list(state["modules"]) != names:
+            raise ValueError(
+                "The checkpoint's fw_importance.json lists other adapted modules than the model being trained: "
+                f"saved {list(state['modules'])[:3]}..., model {names[:3]}.... Resume with the same LoRA targets."
+            )
+        device = self._ema.device
+        rows = list(state["modules"].values())
+        self._ema = torch.tensor([row["ema_raw"] for row in rows], device=device)
+        self._num_updates = torch.tensor(float(state["num_updates"]), device=device)
+        if state["frozen"]:
+            self._remove_hooks()
+            self.fisher = torch.tensor([row["fisher"] for row in rows], device=device)
+            self.importances = torch.tensor([row["importance"] for row in rows], device=device)
+            self.frozen_at_step = state["frozen_at_step"]
+
+    def format_table(self) -> str:
+        """The importances as a text table, most important first."""
+        state = self.state_dict()["modules"]
+        rows = sorted(state.items(), key=lambda item: -(item[1]["importance"] or 0.0))
+        width = max(len(name) for name in state)
+        lines = [f"{'module':<{width}}  {'F':>11}  {'I':>9}  {'1 - I':>9}"]
+        for name, row in rows:
+            importance = row["importance"] if row["importance"] is not None else float("nan")
+            lines.append(f"{name:<{width}}  {row['fisher']:>11.4e}  {importance:>9.5f}  {1 - importance:>9.5f}")
+        return "\n".join(lines)

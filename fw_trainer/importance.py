@@ -1,0 +1,66 @@
+"""Pure tensor functions for the Fisher proxy: its moving average and the normalised importances."""
+
+import warnings
+
+import torch
+
+
+def ema_update(
+    ema: torch.Tensor, num_updates: torch.Tensor, step_value: torch.Tensor, valid: torch.Tensor, decay: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    One optimizer step of the exponential moving average `F ← α F + (1 − α) g`, started from zero and read back with
+    [`bias_corrected`]; a step with no finite micro-batch (`valid` false) leaves the average untouched.
+
+    Everything stays on the device: no host synchronisation.
+
+    Args:
+        ema (`torch.Tensor`): Raw (not bias-corrected) average, shape `(M,)`.
+        num_updates (`torch.Tensor`): Number of steps folded in so far, a 0-d tensor.
+        step_value (`torch.Tensor`): The step's statistic `g`, shape `(M,)`.
+        valid (`torch.Tensor`): 0-d boolean tensor, whether `step_value` is to be used.
+        decay (`float`): The decay α.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: The new `(ema, num_updates)`.
+    """
+    updated = decay * ema + (1.0 - decay) * step_value
+    return torch.where(valid, updated, ema), num_updates + valid.to(num_updates.dtype)
+
+
+def bias_corrected(ema: torch.Tensor, num_updates: torch.Tensor, decay: float) -> torch.Tensor:
+    """
+    The Adam-style bias-corrected average `F = ema / (1 − α^t)`: a proper weighted mean of the `t` statistics
+    folded in so far, whose weights sum to one. Zero before the first update.
+    """
+    correction = 1.0 - torch.pow(torch.as_tensor(decay, dtype=ema.dtype, device=ema.device), num_updates)
+    return torch.where(num_updates > 0, ema / correction.clamp_min(torch.finfo(ema.dtype).tiny), torch.zeros_like(ema))
+
+
+def normalize_importances(fisher: torch.Tensor, normalization: str = "sum") -> torch.Tensor:
+    """
+    Normalised importances `I` of the adapted matrices from their Fisher proxies `F`.
+
+    Args:
+        fisher (`torch.Tensor`): Non-negative Fisher proxies, shape `(M,)`.
+        normalization (`str`, *optional*, defaults to `"sum"`):
+            `"sum"`: `I = F / ΣF` (the paper's; with many matrices every `I` is small and `1 − I ≈ 1`).
+            `"max"`: `I = F / max F`, which spreads the importances over [0, 1].
+
+    Returns:
+        `torch.Tensor`: Importances of shape `(M,)`. If `F` is all zero (or not finite), every matrix gets the same
+        importance (`1 / M` for `"sum"`, `1` for `"max"`) and a warning is issued.
+    """
+    if normalization not in ("sum", "max"):
+        raise ValueError(f"`normalization` should be 'sum' or 'max', but the value passed is {normalization!r}.")
+    fisher = fisher.detach().float()
+    denominator = fisher.sum() if normalization == "sum" else fisher.max()
+    if not torch.isfinite(denominator) or denominator <= 0:
+        warnings.warn(
+            "The Fisher proxy is zero (or not finite) for every adapted matrix: no gradient reached the adapted "
+            "layers during the warm-up. Falling back to uniform importances, i.e. a plain uniform L2 penalty.",
+            stacklevel=2,
+        )
+        uniform = 1.0 / fisher.numel() if normalization == "sum" else 1.0
+        return torch.full_like(fisher, uniform)
+    return fisher / denominator

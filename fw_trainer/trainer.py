@@ -1,0 +1,135 @@
+"""`FWLoraTrainer`: the Trainer that runs LoRA, AdaLoRA and FW-LoRA through one code path."""
+
+import logging
+from collections import defaultdict
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from .adalora_callback import AdaLoraAllocationCallback
+from .arguments import FWLoraArguments
+from .fisher_callback import FisherWarmupCallback
+from .penalty import FisherWeightedPenalty
+
+
+logger = logging.getLogger(__name__)
+
+
+class FWLoraTrainer(Trainer):
+    r"""
+    [`~transformers.Trainer`] for Fisher-weighted LoRA. The changes w.r.t. `Trainer`:
+
+    - `compute_loss` adds `λ Σ_m (1 − I_m) ‖ΔW_m‖²` in training mode once the Fisher warm-up is over (method
+      `fw_lora`), and records `task_loss`, `fw_penalty` (`Σ (1 − I) ‖ΔW‖²`) and `fw_weighted_penalty` (`λ` times it);
+    - `log` merges those averages (and AdaLoRA's rank budget, and the frozen importances once) into every report, so
+      they reach TensorBoard and every other integration;
+    - the loss is a per-micro-batch mean that the Trainer divides by the gradient-accumulation steps: transformers
+      would otherwise skip that division for models whose `forward` takes `**kwargs` but ignores
+      `num_items_in_batch` (RoBERTa, BERT), making the gradient GA times too large;
+    - `save_model` writes `fw_importance.json` into every checkpoint and `train(resume_from_checkpoint=...)` reads
+      it back, so a resumed run continues the warm-up or keeps the frozen importances.
+
+    The same class runs `lora` (nothing added), `adalora` (with [`AdaLoraAllocationCallback`]) and `full`, so timings
+    and results compare like for like.
+
+    Args:
+        fw_args ([`FWLoraArguments`], *optional*): The method's arguments; defaults to `FWLoraArguments()`.
+        *args, **kwargs: Passed to [`~transformers.Trainer`].
+    """
+
+    # The task loss is a per-micro-batch mean: let `training_step` divide it by the gradient-accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, fw_args: Optional[FWLoraArguments] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fw_args = fw_args if fw_args is not None else FWLoraArguments()
+        # Never hand `num_items_in_batch` to the model: the loss stays a per-micro-batch mean (see the docstring).
+        self.model_accepts_loss_kwargs = False
+        self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._penalty: Optional[FisherWeightedPenalty] = None
+        self._importances_logged = False
+
+        self.fisher_callback: Optional[FisherWarmupCallback] = None
+        self.adalora_callback: Optional[AdaLoraAllocationCallback] = None
+        if self.fw_args.method == "fw_lora":
+            self.fisher_callback = FisherWarmupCallback(
+                warmup_steps=self.fw_args.fw_warmup_steps,
+                ema_decay=self.fw_args.fw_ema_decay,
+                normalization=self.fw_args.fw_normalization,
+            )
+            self.add_callback(self.fisher_callback)
+        elif self.fw_args.method == "adalora":
+            self.adalora_callback = AdaLoraAllocationCallback(self.fw_args.adalora_tinit, self.fw_args.adalora_tfinal)
+            self.add_callback(self.adalora_callback)
+        if self.fisher_callback is not None and self.args.n_gpu > 1:
+            raise ValueError(
+                "FW-LoRA does not support `torch.nn.DataParallel` (several GPUs in one process): launch one process "
+                "per GPU with `accelerate launch` or `torchrun` instead."
+            )
+
+    def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None, *args, **kwargs):
+        """`Trainer.train`, restoring the Fisher statistics saved in the checkpoint it resumes from."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if isinstance(resume_from_checkpoint, str) and self.fisher_callback is not None:
+            if not self.fisher_callback.load(resume_from_checkpoint):
+                logger.warning(
+                    "Checkpoint %s has no fw_importance.json: the Fisher warm-up restarts from scratch.",
+                    resume_from_checkpoint,
+                )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Union[torch.Tensor, Any]],
+        return_outputs: bool = False,
+        num_items_in_batch: Optional[Union[torch.Tensor, int]] = None,
+    ):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
+        if not model.training:
+            return (loss, outputs) if return_outputs else loss
+
+        self._metrics["task_loss"].append(loss.detach())
+        callback = self.fisher_callback
+        if callback is not None:
+            loss = callback.scale_probe(loss)
+            if callback.frozen and self.fw_args.fw_lambda > 0:
+                if self._penalty is None:
+                    self._penalty = FisherWeightedPenalty(
+                        callback.matrices, callback.penalty_weights, self.fw_args.fw_penalty
+                    )
+                penalty = self._penalty()
+                weighted = self.fw_args.fw_lambda * penalty
+                loss = loss + weighted.to(loss.dtype)
+                self._metrics["fw_penalty"].append(penalty.detach())
+                self._metrics["fw_weighted_penalty"].append(weighted.detach())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        # Training logs carry "loss"; evaluation logs do not and get no training averages.
+        if "loss" in logs:
+            for name, values in self._metrics.items():
+                logs[name] = torch.stack(values).float().mean().item()
+            self._metrics.clear()
+            if self.adalora_callback is not None and self.adalora_callback.budget is not None:
+                logs["adalora_total_rank"] = float(self.adalora_callback.budget)
+                logs["adalora_mean_rank"] = self.adalora_callback.budget / self.adalora_callback.num_matrices
+            callback = self.fisher_callback
+            if callback is not None and callback.frozen and not self._importances_logged:
+                for matrix, importance in zip(callback.matrices, callback.importances.tolist()):
+                    logs[f"fw_importance/{matrix.name}"] = importance
+                self._importances_logged = True
+        super().log(logs, start_time)
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, plus `fw_importance.json` (also in every checkpoint)."""
+        super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.fisher_callback is not None and self.args.should_save:
+            self.fisher_callback.save(output_dir)

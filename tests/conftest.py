@@ -1,0 +1,78 @@
+"""Tiny models and data built in code: no network, seconds per test."""
+
+import pytest
+import torch
+from transformers import RobertaConfig, RobertaForSequenceClassification, TrainingArguments
+
+from fw_trainer import FWLoraArguments, build_peft_model
+
+
+SEQ_LEN = 12
+VOCAB = 50
+PAD_ID = 1
+
+
+def tiny_roberta(seed: int = 0, num_labels: int = 2) -> RobertaForSequenceClassification:
+    torch.manual_seed(seed)
+    config = RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=SEQ_LEN + 4,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+        pad_token_id=PAD_ID,
+    )
+    return RobertaForSequenceClassification(config)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Random token sequences of fixed length, right-padded to random lengths (so padding rows are exercised)."""
+
+    def __init__(self, size: int = 64, seed: int = 0, num_labels: int = 2):
+        generator = torch.Generator().manual_seed(seed)
+        self.input_ids = torch.randint(3, VOCAB, (size, SEQ_LEN), generator=generator)
+        lengths = torch.randint(4, SEQ_LEN + 1, (size,), generator=generator)
+        self.attention_mask = (torch.arange(SEQ_LEN)[None, :] < lengths[:, None]).long()
+        self.input_ids[self.attention_mask == 0] = PAD_ID
+        # Labels that depend on the tokens, so there is something to learn.
+        self.labels = (self.input_ids[:, 0] % num_labels).long()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i]}
+
+
+def lora_model(method: str = "fw_lora", seed: int = 0, **fw_kwargs):
+    fw_args = FWLoraArguments(method=method, **fw_kwargs)
+    model, summary = build_peft_model(tiny_roberta(seed), fw_args)
+    return model, fw_args
+
+
+def training_args(output_dir, **kwargs) -> TrainingArguments:
+    defaults = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        max_steps=6,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    defaults.update(kwargs)
+    return TrainingArguments(**defaults)
+
+
+@pytest.fixture
+def dataset():
+    return TokenDataset()
