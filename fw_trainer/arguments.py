@@ -75,9 +75,7 @@ class FWLoraArguments:
         default=None,
         metadata={"help": "Modules to adapt (names or suffixes). Default: q, k, v, attn-out, FFN in, FFN out."},
     )
-    adalora_init_r_ratio: float = field(
-        default=1.5, metadata={"help": "AdaLoRA initial rank = ceil(ratio * lora_r)."}
-    )
+    adalora_init_r_ratio: float = field(default=1.5, metadata={"help": "AdaLoRA initial rank = ceil(ratio * lora_r)."})
     adalora_tinit: float = field(
         default=0.1, metadata={"help": "AdaLoRA steps before pruning; < 1 means a fraction of the total steps."}
     )

@@ -54,7 +54,7 @@ class AdapterSummary:
 
     @property
     def adapter_percent(self) -> float:
-        """Trainable adapter parameters as a percentage of the base model's (head excluded)."""
+        """Adapter parameters as a percentage of the base model's."""
         return 100.0 * self.adapter_params / self.base_params
 
     @property
@@ -138,8 +138,11 @@ def layer_index(module_name: str) -> Optional[int]:
 
 
 def count_base_params(model: nn.Module) -> int:
-    """Parameters of the base model without its classification head (what budgets are a percentage of)."""
-    return sum(p.numel() for name, p in model.named_parameters() if not _is_head(name))
+    """
+    Parameters of the model before adapters, task head included (roberta-base for classification: 124.6M): the
+    quantity that budgets are a percentage of. The head's share is reported separately in the summary.
+    """
+    return sum(p.numel() for p in model.parameters())
 
 
 def rank_for_budget(model: nn.Module, target_modules: list[str], budget_percent: float) -> int:
@@ -227,9 +230,7 @@ def build_peft_model(
     peft_model = get_peft_model(model, config)
 
     adapter_params = sum(p.numel() for name, p in peft_model.named_parameters() if "lora_" in name)
-    head_params = sum(
-        p.numel() for name, p in peft_model.named_parameters() if p.requires_grad and _is_head(name)
-    )
+    head_params = sum(p.numel() for name, p in peft_model.named_parameters() if p.requires_grad and _is_head(name))
     summary = AdapterSummary(
         method=args.method,
         model_type=model_type,

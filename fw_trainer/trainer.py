@@ -6,7 +6,7 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from .adalora_callback import AdaLoraAllocationCallback
@@ -37,15 +37,27 @@ class FWLoraTrainer(Trainer):
 
     Args:
         fw_args ([`FWLoraArguments`], *optional*): The method's arguments; defaults to `FWLoraArguments()`.
-        *args, **kwargs: Passed to [`~transformers.Trainer`].
+        model, args, *trainer_args, **kwargs: Passed to [`~transformers.Trainer`]. With a LoRA method and
+            `ddp_find_unused_parameters` unset, it is set to `False`: every trainable parameter is used each step.
     """
 
     # The task loss is a per-micro-batch mean: let `training_step` divide it by the gradient-accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, fw_args: Optional[FWLoraArguments] = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fw_args = fw_args if fw_args is not None else FWLoraArguments()
+    def __init__(
+        self,
+        model: Optional[nn.Module] = None,
+        args: Optional[TrainingArguments] = None,
+        *trainer_args,
+        fw_args: Optional[FWLoraArguments] = None,
+        **kwargs,
+    ):
+        fw_args = fw_args if fw_args is not None else FWLoraArguments()
+        if args is not None and args.ddp_find_unused_parameters is None and fw_args.uses_lora:
+            # Every adapter and head parameter takes part in every step: spare DDP its search of the graph.
+            args.ddp_find_unused_parameters = False
+        super().__init__(model, args, *trainer_args, **kwargs)
+        self.fw_args = fw_args
         # Never hand `num_items_in_batch` to the model: the loss stays a per-micro-batch mean (see the docstring).
         self.model_accepts_loss_kwargs = False
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -114,9 +126,13 @@ class FWLoraTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         # Training logs carry "loss"; evaluation logs do not and get no training averages.
         if "loss" in logs:
-            for name, values in self._metrics.items():
-                logs[name] = torch.stack(values).float().mean().item()
-            self._metrics.clear()
+            if self._metrics:
+                # Every rank logs together (the Trainer gathers "loss" the same way): average over ranks too.
+                names = sorted(self._metrics)
+                means = torch.stack([torch.stack(self._metrics[name]).float().mean() for name in names])
+                means = self.accelerator.reduce(means, reduction="mean")
+                logs.update(zip(names, means.tolist()))
+                self._metrics.clear()
             if self.adalora_callback is not None and self.adalora_callback.budget is not None:
                 logs["adalora_total_rank"] = float(self.adalora_callback.budget)
                 logs["adalora_mean_rank"] = self.adalora_callback.budget / self.adalora_callback.num_matrices

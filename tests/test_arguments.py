@@ -1,0 +1,55 @@
+"""Validation of `FWLoraArguments` and parsing next to `TrainingArguments`."""
+
+import pytest
+from transformers import HfArgumentParser, TrainingArguments
+
+from fw_trainer import FWLoraArguments
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"method": "dora"}, "`method` should be one of"),
+        ({"fw_lambda": -1e-4}, "`fw_lambda` should be greater than or equal to 0"),
+        ({"fw_ema_decay": 1.0}, r"`fw_ema_decay` should be in \(0, 1\)"),
+        ({"fw_ema_decay": 0.0}, r"`fw_ema_decay` should be in \(0, 1\)"),
+        ({"fw_warmup_steps": -1}, "`fw_warmup_steps` should be greater than or equal to 0"),
+        ({"fw_normalization": "softmax"}, "`fw_normalization` should be one of"),
+        ({"fw_penalty": "l1"}, "`fw_penalty` should be one of"),
+        ({"lora_r": 0}, "`lora_r` should be a positive integer"),
+        ({"lora_r": 4, "lora_budget": 0.2}, "mutually exclusive"),
+        ({"lora_budget": 0.0}, r"`lora_budget` should be a percentage in \(0, 100\]"),
+        ({"lora_dropout": 1.0}, r"`lora_dropout` should be in \[0, 1\)"),
+        ({"lora_target_modules": []}, "at least one module"),
+        ({"adalora_beta1": 1.0}, r"`adalora_beta1` should be in \(0, 1\)"),
+        ({"adalora_delta_t": 0}, "`adalora_delta_t` should be >= 1"),
+        ({"adalora_init_r_ratio": 0.5}, "`adalora_init_r_ratio` should be at least 1"),
+    ],
+)
+def test_bad_arguments_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FWLoraArguments(**kwargs)
+
+
+def test_defaults_are_the_papers():
+    args = FWLoraArguments()
+    assert (args.method, args.fw_lambda, args.fw_warmup_steps, args.fw_ema_decay) == ("fw_lora", 1e-4, 500, 0.98)
+    assert (args.fw_normalization, args.fw_penalty) == ("sum", "delta")
+
+
+def test_parsed_next_to_training_arguments(tmp_path):
+    parser = HfArgumentParser((FWLoraArguments, TrainingArguments))
+    fw_args, training_args = parser.parse_args_into_dataclasses(
+        [
+            "--method", "fw_lora", "--fw_warmup_steps", "300", "--warmup_steps", "0.06", "--output_dir", str(tmp_path),
+            "--lora_target_modules", "query", "value", "--fw_normalization", "max",
+        ]
+    )  # fmt: skip
+    assert fw_args.fw_warmup_steps == 300 and training_args.warmup_steps == 0.06
+    assert fw_args.lora_target_modules == ["query", "value"] and fw_args.fw_normalization == "max"
+
+
+def test_bad_value_on_the_command_line_fails():
+    parser = HfArgumentParser((FWLoraArguments,))
+    with pytest.raises(ValueError, match="`fw_lambda`"):
+        parser.parse_args_into_dataclasses(["--fw_lambda", "-1"])

@@ -1,0 +1,80 @@
+"""`FisherWeightedPenalty` against a brute-force sum over materialised `ΔW = get_delta_weight`."""
+
+import pytest
+import torch
+from conftest import lora_model
+
+from fw_trainer import FisherWeightedPenalty, find_adapted_matrices
+
+
+def randomized_matrices(**fw_kwargs):
+    """Adapted matrices of the tiny model with random A and B (peft initialises B to zero, making ΔW zero)."""
+    model, _ = lora_model(**fw_kwargs)
+    matrices = find_adapted_matrices(model)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for matrix in matrices:
+            matrix.lora_A.copy_(torch.randn(matrix.lora_A.shape, generator=generator))
+            matrix.lora_B.copy_(torch.randn(matrix.lora_B.shape, generator=generator))
+    weights = torch.rand(len(matrices), generator=generator)
+    return model, matrices, weights
+
+
+def brute_force(matrices, weights, penalty):
+    total = 0.0
+    for matrix, weight in zip(matrices, weights):
+        if penalty == "delta":
+            value = matrix.layer.get_delta_weight(matrix.adapter_name).pow(2).sum()
+        else:
+            value = matrix.lora_A.pow(2).sum() + matrix.lora_B.pow(2).sum()
+        total = total + weight * value
+    return total
+
+
+@pytest.mark.parametrize("penalty", ["delta", "factors"])
+@pytest.mark.parametrize("lora_alpha", [16.0, 3.0])
+def test_value_and_gradient_match_brute_force(penalty, lora_alpha):
+    _, matrices, weights = randomized_matrices(lora_alpha=lora_alpha, lora_r=4)
+    params = [p for matrix in matrices for p in (matrix.lora_A, matrix.lora_B)]
+
+    expected = brute_force(matrices, weights, penalty)
+    expected_grads = torch.autograd.grad(expected, params)
+    penalty_fn = FisherWeightedPenalty(matrices, weights, penalty)
+    value = penalty_fn()
+    grads = torch.autograd.grad(value, params)
+
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=0)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_matrices_of_equal_shape_share_one_group():
+    # Tiny RoBERTa: q, k, v, attention output are 32×32, FFN in 48×32, FFN out 32×48.
+    _, matrices, weights = randomized_matrices()
+    assert len(matrices) == 12
+    assert FisherWeightedPenalty(matrices, weights).num_groups == 3
+
+
+def test_zero_weight_switches_a_matrix_off():
+    _, matrices, weights = randomized_matrices()
+    weights = torch.zeros_like(weights)
+    weights[3] = 1.0
+    expected = matrices[3].layer.get_delta_weight("default").pow(2).sum()
+    torch.testing.assert_close(FisherWeightedPenalty(matrices, weights)(), expected, rtol=1e-5, atol=0)
+
+
+def test_penalty_stays_fp32_under_bf16_autocast():
+    _, matrices, weights = randomized_matrices()
+    expected = brute_force(matrices, weights, "delta")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = FisherWeightedPenalty(matrices, weights)()
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=0)
+
+
+def test_mismatched_weights_are_rejected():
+    _, matrices, weights = randomized_matrices()
+    with pytest.raises(ValueError, match="12 matrices but 11 weights"):
+        FisherWeightedPenalty(matrices, weights[:-1])
+    with pytest.raises(ValueError, match="`penalty` should be"):
+        FisherWeightedPenalty(matrices, weights, "l1")

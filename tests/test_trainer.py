@@ -1,0 +1,121 @@
+"""`FWLoraTrainer` end to end: against a plain `Trainer`, through TensorBoard, and across a resume."""
+
+import glob
+import json
+import os
+
+import pytest
+import torch
+from conftest import TokenDataset, lora_model, training_args
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import Trainer
+
+from fw_trainer import FWLoraTrainer, find_adapted_matrices
+from fw_trainer.fisher_callback import IMPORTANCE_FILE
+
+
+def losses(trainer):
+    return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+
+def test_zero_lambda_reproduces_a_plain_trainer_run(tmp_path):
+    dataset = TokenDataset()
+    plain_model, _ = lora_model(method="lora")
+    plain = Trainer(model=plain_model, args=training_args(tmp_path / "plain", max_steps=6), train_dataset=dataset)
+    plain.train()
+
+    model, fw_args = lora_model(fw_warmup_steps=2, fw_lambda=0.0)
+    trainer = FWLoraTrainer(
+        model=model, args=training_args(tmp_path / "fw", max_steps=6), train_dataset=dataset, fw_args=fw_args
+    )
+    trainer.train()
+
+    assert trainer.fisher_callback.frozen  # the warm-up ran, with its hooks, and changed nothing
+    assert losses(trainer) == losses(plain)
+    for (name, param), plain_param in zip(model.named_parameters(), plain_model.parameters()):
+        assert torch.equal(param, plain_param), name
+
+
+def test_penalty_shrinks_the_adapters(tmp_path):
+    """With a large λ the penalised run ends with smaller ‖ΔW‖ than plain LoRA, the most on unimportant matrices."""
+    dataset = TokenDataset()
+    norms = {}
+    for method in ("lora", "fw_lora"):
+        model, fw_args = lora_model(method=method, fw_warmup_steps=2, fw_lambda=1.0, fw_normalization="max")
+        trainer = FWLoraTrainer(
+            model=model, args=training_args(tmp_path / method, max_steps=12), train_dataset=dataset, fw_args=fw_args
+        )
+        trainer.train()
+        norms[method] = torch.stack(
+            [m.layer.get_delta_weight("default").norm() for m in find_adapted_matrices(model)]
+        ).detach()
+    assert (norms["fw_lora"] < norms["lora"]).all()
+    assert all("fw_penalty" in log for log in trainer.state.log_history[2:] if "loss" in log)
+
+
+def test_metrics_reach_tensorboard(tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    model, fw_args = lora_model(fw_warmup_steps=2)
+    trainer = FWLoraTrainer(
+        model=model,
+        args=training_args(tmp_path / "out", max_steps=5, report_to="tensorboard"),
+        train_dataset=TokenDataset(),
+        fw_args=fw_args,
+    )
+    trainer.train()
+
+    event_files = glob.glob(str(tmp_path / "tb" / "**" / "events.out.tfevents.*"), recursive=True)
+    assert event_files
+    accumulator = EventAccumulator(os.path.dirname(event_files[0]))
+    accumulator.Reload()
+    tags = accumulator.Tags()["scalars"]
+    task_loss = [event.value for event in accumulator.Scalars("train/task_loss")]
+    assert len(task_loss) == 5
+    logged = [log["task_loss"] for log in trainer.state.log_history if "task_loss" in log]
+    torch.testing.assert_close(torch.tensor(task_loss), torch.tensor(logged))
+    assert [event.step for event in accumulator.Scalars("train/fw_penalty")] == [3, 4, 5]
+    importance_tags = [tag for tag in tags if tag.startswith("train/fw_importance/")]
+    assert len(importance_tags) == 12
+    query = accumulator.Scalars("train/fw_importance/roberta.encoder.layer.0.attention.self.query")
+    assert query[0].step == 2
+    assert query[0].value == pytest.approx(trainer.fisher_callback.importances[0].item(), rel=1e-6)
+
+
+def _train_with_checkpoints(output_dir, resume_from=None):
+    model, fw_args = lora_model(fw_warmup_steps=4, fw_lambda=1e-1)
+    trainer = FWLoraTrainer(
+        model=model,
+        args=training_args(output_dir, max_steps=8, save_strategy="steps", save_steps=2),
+        train_dataset=TokenDataset(),
+        fw_args=fw_args,
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+    return trainer, model
+
+
+@pytest.mark.parametrize("checkpoint_step", [2, 6], ids=["mid-warmup", "after-warmup"])
+def test_resume_gives_the_straight_run(tmp_path, checkpoint_step):
+    straight, straight_model = _train_with_checkpoints(tmp_path / "straight")
+    checkpoint = tmp_path / "straight" / f"checkpoint-{checkpoint_step}"
+    with open(checkpoint / IMPORTANCE_FILE) as f:
+        saved = json.load(f)
+    assert saved["frozen"] == (checkpoint_step >= 4)
+    assert saved["num_updates"] == min(checkpoint_step, 4)
+
+    resumed, resumed_model = _train_with_checkpoints(tmp_path / "resumed", resume_from=str(checkpoint))
+
+    assert resumed.fisher_callback.frozen_at_step == 4
+    torch.testing.assert_close(resumed.fisher_callback.fisher, straight.fisher_callback.fisher, rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        resumed.fisher_callback.importances, straight.fisher_callback.importances, rtol=1e-6, atol=0
+    )
+    for (name, param), straight_param in zip(resumed_model.named_parameters(), straight_model.parameters()):
+        torch.testing.assert_close(param, straight_param, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_resume_true_picks_the_last_checkpoint(tmp_path):
+    straight, _ = _train_with_checkpoints(tmp_path / "run")
+    # Resuming a finished run from its last checkpoint restores the frozen importances and trains no further.
+    resumed, _ = _train_with_checkpoints(tmp_path / "run", resume_from=True)
+    assert resumed.state.global_step == 8
+    torch.testing.assert_close(resumed.fisher_callback.importances, straight.fisher_callback.importances)
