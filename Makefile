@@ -28,8 +28,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 # A real FW-LoRA fine-tune of all-MiniLM-L6-v2 on SST-2 (GLUE_DIR, else the Hub), a few minutes on 2 CPU cores.
+# Extra options go in ARGS, e.g. `make quickstart ARGS=--overwrite` to replace an earlier run's outputs.
+ARGS ?=
 quickstart: env
-	$(PY) examples/finetune_sst2.py
+	$(PY) examples/finetune_sst2.py $(ARGS)
 
 test: env
 	$(PY) -m pytest

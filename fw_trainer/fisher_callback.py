@@ -240,6 +240,8 @@ class FisherWarmupCallback(TrainerCallback):
     def state_dict(self) -> dict:
         """A JSON-serialisable description of the estimate: module name → F, I, 1 − I, d_out, d_in, r, and the
         moving-average state needed to resume mid-warm-up."""
+        if self.matrices is None:
+            raise RuntimeError("FisherWarmupCallback has no statistics yet: it is set up when training begins.")
         fisher = self.fisher if self.frozen else bias_corrected(self._ema, self._num_updates, self.ema_decay)
         modules = {}
         for index, matrix in enumerate(self.matrices):

@@ -30,7 +30,7 @@ _BERT_STYLE_ROLES = {
 # Per `config.model_type`: role → regex that the module name must end with. The six roles of AdaLoRA's setup.
 ENCODER_TARGET_ROLES = {
     model_type: _BERT_STYLE_ROLES
-    for model_type in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "data2vec-text", "ernie", "mpnet")
+    for model_type in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "data2vec-text", "ernie")
 }
 
 _LAYER_INDEX = re.compile(r"\.layer\.(\d+)\.")
@@ -113,11 +113,15 @@ def resolve_target_modules(model: nn.Module, target_modules: Optional[list[str]]
                 f"{', '.join(sorted(ENCODER_TARGET_ROLES))}). Pass the linear layers to adapt explicitly, e.g. "
                 "`--lora_target_modules query_proj key_proj value_proj` (names or name suffixes)."
             )
-        pattern = re.compile("(" + "|".join(ENCODER_TARGET_ROLES[model_type].values()) + r")$")
-        resolved = [name for name in linear_names if pattern.search(name)]
-        if not resolved:
-            raise ValueError(f"The default {model_type} targets matched no linear layer of the model.")
-        return resolved
+        roles = ENCODER_TARGET_ROLES[model_type]
+        missing = [role for role, suffix in roles.items() if not any(re.search(suffix + "$", n) for n in linear_names)]
+        if missing:
+            raise ValueError(
+                f"The default {model_type} LoRA targets found no layer for the role(s) {', '.join(missing)}: this "
+                "model does not have the usual layout. Pass the layers to adapt with `--lora_target_modules`."
+            )
+        pattern = re.compile("(" + "|".join(roles.values()) + r")$")
+        return [name for name in linear_names if pattern.search(name)]
 
     resolved = []
     for target in target_modules:

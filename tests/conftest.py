@@ -7,6 +7,16 @@ from transformers import RobertaConfig, RobertaForSequenceClassification, Traini
 from fw_trainer import FWLoraArguments, build_peft_model
 
 
+# The six roles of a BERT/RoBERTa layer, spelled out here rather than taken from fw_trainer, so that tests check the
+# library's default target resolution against an independent list.
+ROLES = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
 SEQ_LEN = 12
 VOCAB = 50
 PAD_ID = 1

@@ -259,3 +259,8 @@ def test_lora_method_installs_no_hooks(tmp_path):
         trainer = train(tmp_path, model, fw_args, TokenDataset(), max_steps=2)
     assert trainer.fisher_callback is None
     assert all(not matrix.layer._forward_hooks for matrix in find_adapted_matrices(model))
+
+
+def test_table_before_training_says_why_it_is_empty():
+    with pytest.raises(RuntimeError, match="set up when training begins"):
+        FisherWarmupCallback(warmup_steps=3).format_table()

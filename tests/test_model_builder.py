@@ -2,21 +2,11 @@
 
 import pytest
 import torch
-from conftest import tiny_roberta
+from conftest import ROLES, tiny_roberta
 from peft import PeftModel
 from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
 from fw_trainer import FWLoraArguments, build_peft_model, rank_for_budget, resolve_target_modules
-
-
-ROLES = (
-    "attention.self.query",
-    "attention.self.key",
-    "attention.self.value",
-    "attention.output.dense",
-    "intermediate.dense",
-    "output.dense",
-)
 
 
 def roberta_base_on_meta():
@@ -113,3 +103,11 @@ def test_unknown_architecture_asks_for_explicit_targets():
 def test_budget_too_small_for_rank_one():
     with pytest.raises(ValueError, match="too small for rank 1"):
         build_peft_model(tiny_roberta(), FWLoraArguments(lora_budget=0.01))
+
+
+def test_default_targets_need_every_role():
+    model = tiny_roberta()
+    for layer in model.roberta.encoder.layer:
+        layer.intermediate.dense = torch.nn.Identity()  # an unusual layout: no FFN-in linear layer
+    with pytest.raises(ValueError, match="no layer for the role\\(s\\) ffn_in"):
+        resolve_target_modules(model)
