@@ -104,6 +104,10 @@ class FisherWarmupCallback(TrainerCallback):
         return 1.0 - self.importances
 
     def _setup(self, model: nn.Module) -> None:
+        """Finds the adapted matrices of `model` and starts from an empty estimate (a new model is a new run)."""
+        if self.matrices is not None:
+            self._remove_hooks()
+        self.fisher = self.importances = self.frozen_at_step = None
         self.matrices = find_adapted_matrices(model, self.adapter_name)
         if not self.matrices:
             raise ValueError(
@@ -117,9 +121,6 @@ class FisherWarmupCallback(TrainerCallback):
         self._step_sum = torch.zeros(num_matrices, device=device)
         self._step_count = torch.zeros((), device=device)
         self._pending = [None] * num_matrices
-        if self._state_to_restore is not None:
-            self._apply_state(self._state_to_restore)
-            self._state_to_restore = None
 
     # ----- hooks ------------------------------------------------------------------------------------------------
 
@@ -201,8 +202,13 @@ class FisherWarmupCallback(TrainerCallback):
     # ----- Trainer events ---------------------------------------------------------------------------------------
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if self.matrices is None:
-            self._setup(kwargs["model"])
+        model = kwargs["model"]
+        # A Trainer with `model_init` (hyper-parameter search) brings a new model to every `train()` call.
+        if self.matrices is None or not any(module is self.matrices[0].layer for module in model.modules()):
+            self._setup(model)
+        if self._state_to_restore is not None:
+            self._apply_state(self._state_to_restore)
+            self._state_to_restore = None
         if self.frozen:
             return
         if state.global_step >= self.warmup_steps:
@@ -273,16 +279,12 @@ class FisherWarmupCallback(TrainerCallback):
             json.dump(self.state_dict(), f, indent=2)
 
     def load(self, checkpoint_dir: str) -> bool:
-        """Reads the state saved in a checkpoint (applied when training begins). Returns whether a file was found."""
+        """Reads the state saved in a checkpoint, applied when training begins. Returns whether a file was found."""
         path = os.path.join(checkpoint_dir, IMPORTANCE_FILE)
         if not os.path.isfile(path):
             return False
         with open(path) as f:
-            state = json.load(f)
-        if self.matrices is None:
-            self._state_to_restore = state
-        else:
-            self._apply_state(state)
+            self._state_to_restore = json.load(f)
         return True
 
     def _apply_state(self, state: dict) -> None:

@@ -62,7 +62,8 @@ class FWLoraTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._penalty: Optional[FisherWeightedPenalty] = None
-        self._importances_logged = False
+        self._penalty_importances: Optional[torch.Tensor] = None
+        self._logged_importances: Optional[torch.Tensor] = None
 
         self.fisher_callback: Optional[FisherWarmupCallback] = None
         self.adalora_callback: Optional[AdaLoraAllocationCallback] = None
@@ -112,10 +113,12 @@ class FWLoraTrainer(Trainer):
         if callback is not None:
             loss = callback.scale_probe(loss)
             if callback.frozen and self.fw_args.fw_lambda > 0:
-                if self._penalty is None:
+                # Built once per freeze (a resume or a new model from `model_init` brings new importances).
+                if self._penalty is None or self._penalty_importances is not callback.importances:
                     self._penalty = FisherWeightedPenalty(
                         callback.matrices, callback.penalty_weights, self.fw_args.fw_penalty
                     )
+                    self._penalty_importances = callback.importances
                 penalty = self._penalty()
                 weighted = self.fw_args.fw_lambda * penalty
                 loss = loss + weighted.to(loss.dtype)
@@ -137,10 +140,10 @@ class FWLoraTrainer(Trainer):
                 logs["adalora_total_rank"] = float(self.adalora_callback.budget)
                 logs["adalora_mean_rank"] = self.adalora_callback.budget / self.adalora_callback.num_matrices
             callback = self.fisher_callback
-            if callback is not None and callback.frozen and not self._importances_logged:
+            if callback is not None and callback.frozen and self._logged_importances is not callback.importances:
                 for matrix, importance in zip(callback.matrices, callback.importances.tolist()):
                     logs[f"fw_importance/{matrix.name}"] = importance
-                self._importances_logged = True
+                self._logged_importances = callback.importances
         super().log(logs, start_time)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:

@@ -119,3 +119,25 @@ def test_resume_true_picks_the_last_checkpoint(tmp_path):
     resumed, _ = _train_with_checkpoints(tmp_path / "run", resume_from=True)
     assert resumed.state.global_step == 8
     torch.testing.assert_close(resumed.fisher_callback.importances, straight.fisher_callback.importances)
+
+
+def test_each_model_from_model_init_gets_its_own_warmup(tmp_path):
+    """With `model_init` (hyper-parameter search) every `train()` is a new run: a second call must repeat the first."""
+    _, fw_args = lora_model(fw_warmup_steps=2, fw_lambda=1.0)
+    trainer = FWLoraTrainer(
+        model_init=lambda: lora_model(seed=0)[0],
+        args=training_args(tmp_path, max_steps=5),
+        train_dataset=TokenDataset(),
+        fw_args=fw_args,
+    )
+    trainer.train()
+    first_model, first_fisher = trainer.model, trainer.fisher_callback.fisher
+    trainer.train()
+
+    assert trainer.model is not first_model
+    assert trainer.fisher_callback.matrices[0].layer in list(trainer.model.modules())
+    assert trainer.fisher_callback.frozen_at_step == 2
+    torch.testing.assert_close(trainer.fisher_callback.fisher, first_fisher, rtol=1e-6, atol=0)
+    for param, first_param in zip(trainer.model.parameters(), first_model.parameters()):
+        torch.testing.assert_close(param, first_param, rtol=1e-6, atol=1e-8)
+    assert not any(matrix.layer._forward_hooks for matrix in find_adapted_matrices(first_model))
