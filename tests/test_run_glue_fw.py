@@ -13,6 +13,7 @@ import torch
 import yaml
 from peft import PeftModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_glue_data import MNLI_DEV_HEADER, MNLI_TRAIN_HEADER, mnli_row
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForSequenceClassification,
@@ -83,7 +84,8 @@ def write_tsv(path: Path, header, rows) -> None:
 
 @pytest.fixture(scope="module")
 def glue_dir(tmp_path_factory) -> Path:
-    """SST-2 (single sentence), RTE (pair, string labels) and STS-B (regression) in the original GLUE layout."""
+    """SST-2 (single sentence), RTE (pair, string labels), STS-B (regression), MNLI (matched and mismatched dev) in
+    the original GLUE layout."""
     root = tmp_path_factory.mktemp("glue")
     rng = random.Random(0)
     for split, size in (("train", 96), ("dev", 32)):
@@ -102,6 +104,16 @@ def glue_dir(tmp_path_factory) -> Path:
         header = ("index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2",
                   "score")  # fmt: skip
         write_tsv(root / "STS-B" / f"{split}.tsv", header, stsb)
+    labels = ["entailment", "neutral", "contradiction"]
+    mnli = {
+        "train.tsv": (MNLI_TRAIN_HEADER, 96, 1),
+        "dev_matched.tsv": (MNLI_DEV_HEADER, 16, 5),
+        "dev_mismatched.tsv": (MNLI_DEV_HEADER, 24, 5),
+    }
+    for name, (header, size, votes) in mnli.items():
+        rows = [mnli_row(i, sentence(rng), sentence(rng), [rng.choice(labels)] * (votes + 1)) for i in range(size)]
+        (root / "MNLI").mkdir(exist_ok=True)
+        (root / "MNLI" / name).write_text("".join(line + "\n" for line in [header, *rows]))
     for task, header, make in (
         ("SST-2", ("index", "sentence"), lambda i: (i, sentence(rng))),
         ("RTE", ("index", "sentence1", "sentence2"), lambda i: (i, sentence(rng), sentence(rng))),
@@ -196,6 +208,15 @@ def test_regression_task(tiny_model_dir, glue_dir, tmp_path):
     results = read_json(out / "eval_results.json")
     assert {"eval_pearson", "eval_spearmanr", "eval_combined_score"} <= set(results)
     assert results["eval_combined_score"] == pytest.approx((results["eval_pearson"] + results["eval_spearmanr"]) / 2)
+
+
+def test_mnli_is_evaluated_matched_and_mismatched(tiny_model_dir, glue_dir, tmp_path):
+    out = tmp_path / "mnli"
+    args = common(tiny_model_dir, out, "--task_name", "mnli", "--glue_dir", glue_dir, "--ignore_mismatched_sizes")
+    assert run(args) == 0
+    results = read_json(out / "eval_results.json")
+    assert (results["eval_samples"], results["eval_samples_mm"]) == (16, 24)
+    assert {"eval_accuracy", "eval_accuracy_mm"} <= set(results)
 
 
 def write_csv(path, rows, columns):
