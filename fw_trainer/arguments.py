@@ -4,9 +4,15 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
-METHODS = ("lora", "adalora", "fw_lora", "full")
+METHODS = ("lora", "adalora", "fw_lora", "iw_lora", "full")
 NORMALIZATIONS = ("sum", "max")
 PENALTIES = ("delta", "factors")
+STATISTICS = ("sq_norm", "norm")
+AVERAGES = ("ema", "mean")
+WARMUP_MODES = ("train", "calibrate")
+# What `method="iw_lora"` (the earlier IW-LoRA proposal) sets, where the user leaves an option unset.
+IW_LORA_PRESET = {"fw_statistic": "norm", "fw_average": "mean", "fw_warmup_mode": "calibrate", "fw_warmup_steps": 200}
+FW_LORA_DEFAULTS = {"fw_statistic": "sq_norm", "fw_average": "ema", "fw_warmup_mode": "train", "fw_warmup_steps": 500}
 
 
 @dataclass
@@ -18,8 +24,9 @@ class FWLoraArguments:
 
     Args:
         method (`str`, *optional*, defaults to `"fw_lora"`):
-            One of `"lora"` (plain LoRA), `"adalora"` (peft's AdaLoRA), `"fw_lora"` (Fisher-weighted LoRA) or `"full"`
-            (full fine-tuning, as a reference).
+            One of `"lora"` (plain LoRA), `"adalora"` (peft's AdaLoRA), `"fw_lora"` (Fisher-weighted LoRA),
+            `"iw_lora"` (the IW-LoRA preset: `fw_statistic="norm"`, `fw_average="mean"`, `fw_warmup_mode="calibrate"`,
+            `fw_warmup_steps=200`, each overridable) or `"full"` (full fine-tuning, as a reference).
         lora_r (`int`, *optional*):
             LoRA rank of every adapted matrix (AdaLoRA: the final average rank `target_r`). Defaults to 8 unless
             `lora_budget` is given.
@@ -49,11 +56,21 @@ class FWLoraArguments:
             Weight of AdaLoRA's orthogonality regulariser.
         fw_lambda (`float`, *optional*, defaults to `1e-4`):
             Weight λ of the Fisher-weighted penalty `λ Σ_m (1 − I_m) ‖ΔW_m‖²`.
-        fw_warmup_steps (`int`, *optional*, defaults to `500`):
-            Number K of optimizer steps during which the Fisher proxy is accumulated (plain LoRA training). Not to be
-            confused with the learning-rate warm-up `warmup_steps` of `TrainingArguments`.
+        fw_warmup_steps (`int`, *optional*, defaults to `500` (`iw_lora`: `200`)):
+            Number K of optimizer steps during which the statistic is accumulated. Not to be confused with the
+            learning-rate warm-up `warmup_steps` of `TrainingArguments`.
+        fw_warmup_mode (`str`, *optional*, defaults to `"train"` (`iw_lora`: `"calibrate"`)):
+            `"train"`: the K steps train plain LoRA while measuring (FW-LoRA). `"calibrate"`: K extra forward/backward
+            steps with nothing updated (no optimizer or scheduler step, not counted as training steps) before
+            training starts (IW-LoRA).
+        fw_statistic (`str`, *optional*, defaults to `"sq_norm"` (`iw_lora`: `"norm"`)):
+            Per-micro-batch statistic: `"sq_norm"` `‖∇W‖_F²` (FW-LoRA's Fisher proxy) or `"norm"` `‖∇W‖_F` (IW-LoRA).
+        fw_average (`str`, *optional*, defaults to `"ema"` (`iw_lora`: `"mean"`)):
+            Average over steps: `"ema"` (decay `fw_ema_decay`, bias-corrected) or `"mean"` (plain running mean).
         fw_ema_decay (`float`, *optional*, defaults to `0.98`):
-            Decay α of the exponential moving average of the squared gradient norms.
+            Decay α of the exponential moving average.
+        fw_power (`float`, *optional*, defaults to `1.0`):
+            Exponent β of the penalty weights `(1 − I_m)^β`; β = 1 is FW-LoRA's form.
         fw_normalization (`str`, *optional*, defaults to `"sum"`):
             `"sum"`: `I = F / ΣF` (the paper's); `"max"`: `I = F / max F`, which spreads the weights over [0, 1].
         fw_penalty (`str`, *optional*, defaults to `"delta"`):
@@ -87,11 +104,29 @@ class FWLoraArguments:
     adalora_beta2: float = field(default=0.85, metadata={"help": "AdaLoRA uncertainty EMA decay."})
     adalora_orth_reg_weight: float = field(default=0.5, metadata={"help": "AdaLoRA orthogonality loss weight."})
     fw_lambda: float = field(default=1e-4, metadata={"help": "Weight of the Fisher-weighted penalty."})
-    fw_warmup_steps: int = field(
-        default=500,
-        metadata={"help": "Optimizer steps K of Fisher accumulation (not the learning-rate --warmup_steps)."},
+    fw_warmup_steps: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Steps K of statistic accumulation, default 500 (iw_lora: 200). Not the learning-rate "
+            "--warmup_steps."
+        },
     )
-    fw_ema_decay: float = field(default=0.98, metadata={"help": "EMA decay of the squared gradient norms."})
+    fw_warmup_mode: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "train: measure while training LoRA (default); calibrate: K extra steps updating nothing, before "
+            "training (iw_lora's default)."
+        },
+    )
+    fw_statistic: Optional[str] = field(
+        default=None,
+        metadata={"help": "sq_norm: ||grad W||^2 (default); norm: ||grad W|| (iw_lora's default)."},
+    )
+    fw_average: Optional[str] = field(
+        default=None, metadata={"help": "ema: moving average (default); mean: running mean (iw_lora's default)."}
+    )
+    fw_ema_decay: float = field(default=0.98, metadata={"help": "Decay of the moving average."})
+    fw_power: float = field(default=1.0, metadata={"help": "Exponent beta of the penalty weights (1 - I)^beta."})
     fw_normalization: str = field(
         default="sum", metadata={"help": "Importance normalisation: sum (I = F / sum F, paper) or max (F / max F)."}
     )
@@ -103,6 +138,24 @@ class FWLoraArguments:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"`method` should be one of {METHODS}, but the value passed is {self.method!r}.")
+        # Options left unset take the method's value: the IW-LoRA preset or FW-LoRA's defaults.
+        defaults = IW_LORA_PRESET if self.method == "iw_lora" else FW_LORA_DEFAULTS
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        for name, allowed in (
+            ("fw_warmup_mode", WARMUP_MODES),
+            ("fw_statistic", STATISTICS),
+            ("fw_average", AVERAGES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"`{name}` should be one of {allowed}, but the value passed is {getattr(self, name)!r}."
+                )
+        if self.fw_power < 0:
+            raise ValueError(
+                f"`fw_power` should be greater than or equal to 0, but the value passed is {self.fw_power}."
+            )
         if self.lora_r is not None and self.lora_budget is not None:
             raise ValueError(
                 "`lora_r` and `lora_budget` are mutually exclusive: pass an explicit rank or a budget, not both."
@@ -156,6 +209,11 @@ class FWLoraArguments:
             raise ValueError(
                 f"`fw_penalty` should be one of {PENALTIES}, but the value passed is {self.fw_penalty!r}."
             )
+
+    @property
+    def uses_fisher_weights(self) -> bool:
+        """Whether the method measures importances and penalises adapters by them (FW-LoRA and IW-LoRA)."""
+        return self.method in ("fw_lora", "iw_lora")
 
     @property
     def uses_lora(self) -> bool:

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any, Optional
 
@@ -12,12 +13,17 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .adapted_matrices import AdaptedMatrix, find_adapted_matrices
-from .importance import bias_corrected, ema_update, normalize_importances
+from .importance import bias_corrected, ema_update, normalize_importances, running_mean_update
 
 
 logger = logging.getLogger(__name__)
 
 IMPORTANCE_FILE = "fw_importance.json"
+
+
+def _cycle(dataloader: Iterable) -> Iterator:
+    while True:
+        yield from dataloader
 
 
 class _LossGradientProbe(torch.autograd.Function):
@@ -54,28 +60,52 @@ class FisherWarmupCallback(TrainerCallback):
     and a tensor hook on the layer output receives `G = ∂L/∂y`; then `‖∇W‖² = ‖Gᵀ X‖²`. Frozen weights stay frozen,
     out of the optimizer and out of DDP's buckets.
 
+    The IW-LoRA variant changes three things, each an option: the statistic `‖∇W_m‖_F` instead of its square
+    (`statistic="norm"`), a plain running mean instead of the moving average (`average="mean"`), and the penalty
+    weights `(1 − I_m)^β` (`power=β`). Its calibration mode (K steps that update nothing, before training) is run by
+    [`FWLoraTrainer`] through [`calibrate`].
+
     This callback is driven by [`FWLoraTrainer`], which routes its training loss through [`scale_probe`].
 
     Args:
         warmup_steps (`int`): Number K of optimizer steps of accumulation.
         ema_decay (`float`, *optional*, defaults to `0.98`): Decay α of the moving average.
         normalization (`str`, *optional*, defaults to `"sum"`): `"sum"` (`I = F / ΣF`) or `"max"` (`I = F / max F`).
+        statistic (`str`, *optional*, defaults to `"sq_norm"`): `"sq_norm"` (`‖∇W‖²`) or `"norm"` (`‖∇W‖`).
+        average (`str`, *optional*, defaults to `"ema"`): `"ema"` or `"mean"`.
+        power (`float`, *optional*, defaults to `1.0`): Exponent β of the penalty weights `(1 − I)^β`.
+        calibration_backward (`Callable[[dict], None]`, *optional*):
+            Given, the statistic is measured in a calibration before training (see [`calibrate`]) by calling it on
+            each micro-batch: it must run forward and backward with the loss routed through [`scale_probe`] and leave
+            no gradient behind. Not given, it is measured during the first `warmup_steps` training steps.
         adapter_name (`str`, *optional*, defaults to `"default"`): The LoRA adapter whose matrices are measured.
     """
 
     def __init__(
-        self, warmup_steps: int, ema_decay: float = 0.98, normalization: str = "sum", adapter_name: str = "default"
+        self,
+        warmup_steps: int,
+        ema_decay: float = 0.98,
+        normalization: str = "sum",
+        statistic: str = "sq_norm",
+        average: str = "ema",
+        power: float = 1.0,
+        calibration_backward: Optional[Callable[[dict], None]] = None,
+        adapter_name: str = "default",
     ):
         self.warmup_steps = warmup_steps
         self.ema_decay = ema_decay
         self.normalization = normalization
+        self.statistic = statistic
+        self.average = average
+        self.power = power
+        self.calibration_backward = calibration_backward
         self.adapter_name = adapter_name
 
         self.matrices: Optional[list[AdaptedMatrix]] = None
         self.fisher: Optional[torch.Tensor] = None  # bias-corrected F, set when frozen
         self.importances: Optional[torch.Tensor] = None  # I, set when frozen
         self.frozen_at_step: Optional[int] = None
-        self._ema: Optional[torch.Tensor] = None
+        self._running: Optional[torch.Tensor] = None  # raw moving average, or the running mean
         self._num_updates: Optional[torch.Tensor] = None
         self._step_sum: Optional[torch.Tensor] = None
         self._step_count: Optional[torch.Tensor] = None
@@ -98,10 +128,10 @@ class FisherWarmupCallback(TrainerCallback):
 
     @property
     def penalty_weights(self) -> torch.Tensor:
-        """`1 − I_m` for every adapted matrix, once frozen."""
+        """`(1 − I_m)^β` for every adapted matrix, once frozen."""
         if not self.frozen:
             raise RuntimeError("The importances are not frozen yet: the Fisher warm-up is still running.")
-        return 1.0 - self.importances
+        return (1.0 - self.importances).pow(self.power)
 
     def _setup(self, model: nn.Module) -> None:
         """Finds the adapted matrices of `model` and starts from an empty estimate (a new model is a new run)."""
@@ -116,7 +146,7 @@ class FisherWarmupCallback(TrainerCallback):
             )
         device = self.matrices[0].lora_A.device
         num_matrices = len(self.matrices)
-        self._ema = torch.zeros(num_matrices, device=device)
+        self._running = torch.zeros(num_matrices, device=device)
         self._num_updates = torch.zeros((), device=device)
         self._step_sum = torch.zeros(num_matrices, device=device)
         self._step_count = torch.zeros((), device=device)
@@ -152,6 +182,8 @@ class FisherWarmupCallback(TrainerCallback):
         inputs = layer_input.reshape(-1, layer_input.shape[-1]).float()
         # ∇W = Gᵀ X for y = X Wᵀ: one GEMM, the (d_out × d_in) result is dropped at once.
         value = torch.mm(grad.t(), inputs).square().sum() / self._loss_grad.square()
+        if self.statistic == "norm":
+            value = value.sqrt()
         previous = self._pending[index]
         self._pending[index] = value if previous is None else previous + value
 
@@ -183,16 +215,27 @@ class FisherWarmupCallback(TrainerCallback):
             torch.distributed.all_reduce(totals)
         step_sum, step_count = totals[:-1], totals[-1]
         step_mean = step_sum / step_count.clamp_min(1.0)
-        self._ema, self._num_updates = ema_update(
-            self._ema, self._num_updates, step_mean, step_count > 0, self.ema_decay
-        )
+        if self.average == "ema":
+            self._running, self._num_updates = ema_update(
+                self._running, self._num_updates, step_mean, step_count > 0, self.ema_decay
+            )
+        else:
+            self._running, self._num_updates = running_mean_update(
+                self._running, self._num_updates, step_mean, step_count > 0
+            )
         self._step_sum.zero_()
         self._step_count.zero_()
+
+    def _current_estimate(self) -> torch.Tensor:
+        """F from the running state: the bias-corrected moving average, or the running mean itself."""
+        if self.average == "ema":
+            return bias_corrected(self._running, self._num_updates, self.ema_decay)
+        return self._running.clone()
 
     @torch.no_grad()
     def _freeze(self, args: TrainingArguments, state: TrainerState) -> None:
         self._remove_hooks()
-        self.fisher = bias_corrected(self._ema, self._num_updates, self.ema_decay)
+        self.fisher = self._current_estimate()
         self.importances = normalize_importances(self.fisher, self.normalization).to(self.fisher.device)
         self.frozen_at_step = state.global_step
         if state.is_world_process_zero:
@@ -211,10 +254,27 @@ class FisherWarmupCallback(TrainerCallback):
             self._state_to_restore = None
         if self.frozen:
             return
-        if state.global_step >= self.warmup_steps:
+        if self.calibration_backward is not None:
+            self.calibrate(args, state, kwargs["train_dataloader"])
+        elif state.global_step >= self.warmup_steps:
             self._freeze(args, state)
         elif not self.is_measuring:
             self._install_hooks()
+
+    def calibrate(self, args: TrainingArguments, state: TrainerState, dataloader: Iterable) -> None:
+        """
+        IW-LoRA's calibration: `warmup_steps` steps of `gradient_accumulation_steps` forward/backward passes each
+        (through `calibration_backward`), updating nothing and not counted as training steps, then the freeze.
+        """
+        batches = _cycle(dataloader)
+        self._install_hooks()
+        for _ in range(self.warmup_steps):
+            for _ in range(args.gradient_accumulation_steps):
+                self.calibration_backward(next(batches))
+                self._fold_micro_batch()
+            self._end_optimizer_step()
+        logger.info("IW-LoRA calibration: %d steps measured, nothing updated.", self.warmup_steps)
+        self._freeze(args, state)
 
     def on_substep_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.is_measuring:
@@ -245,10 +305,10 @@ class FisherWarmupCallback(TrainerCallback):
 
     def state_dict(self) -> dict:
         """A JSON-serialisable description of the estimate: module name → F, I, 1 − I, d_out, d_in, r, and the
-        moving-average state needed to resume mid-warm-up."""
+        running state needed to resume mid-warm-up."""
         if self.matrices is None:
             raise RuntimeError("FisherWarmupCallback has no statistics yet: it is set up when training begins.")
-        fisher = self.fisher if self.frozen else bias_corrected(self._ema, self._num_updates, self.ema_decay)
+        fisher = self.fisher if self.frozen else self._current_estimate()
         modules = {}
         for index, matrix in enumerate(self.matrices):
             modules[matrix.name] = {
@@ -258,7 +318,7 @@ class FisherWarmupCallback(TrainerCallback):
                 "d_out": matrix.d_out,
                 "d_in": matrix.d_in,
                 "r": matrix.r,
-                "ema_raw": self._ema[index].item(),
+                "running_state": self._running[index].item(),
             }
         return {
             "frozen": self.frozen,
@@ -266,6 +326,9 @@ class FisherWarmupCallback(TrainerCallback):
             "warmup_steps": self.warmup_steps,
             "ema_decay": self.ema_decay,
             "normalization": self.normalization,
+            "statistic": self.statistic,
+            "average": self.average,
+            "power": self.power,
             "num_updates": int(self._num_updates.item()),
             "modules": modules,
         }
@@ -294,9 +357,9 @@ class FisherWarmupCallback(TrainerCallback):
                 "The checkpoint's fw_importance.json lists other adapted modules than the model being trained: "
                 f"saved {list(state['modules'])[:3]}..., model {names[:3]}.... Resume with the same LoRA targets."
             )
-        device = self._ema.device
+        device = self._running.device
         rows = list(state["modules"].values())
-        self._ema = torch.tensor([row["ema_raw"] for row in rows], device=device)
+        self._running = torch.tensor([row["running_state"] for row in rows], device=device)
         self._num_updates = torch.tensor(float(state["num_updates"]), device=device)
         if state["frozen"]:
             self._remove_hooks()

@@ -28,6 +28,18 @@ def ema_update(
     return torch.where(valid, updated, ema), num_updates + valid.to(num_updates.dtype)
 
 
+def running_mean_update(
+    mean: torch.Tensor, num_updates: torch.Tensor, step_value: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    One step of the plain running mean `F ← F + (g − F) / (t + 1)` (IW-LoRA's average); a step with no finite
+    micro-batch (`valid` false) leaves it untouched. No host synchronisation.
+    """
+    count = num_updates + valid.to(num_updates.dtype)
+    updated = mean + (step_value - mean) / count.clamp_min(1.0)
+    return torch.where(valid, updated, mean), count
+
+
 def bias_corrected(ema: torch.Tensor, num_updates: torch.Tensor, decay: float) -> torch.Tensor:
     """
     The Adam-style bias-corrected average `F = ema / (1 − α^t)`: a proper weighted mean of the `t` statistics

@@ -10,14 +10,22 @@ from peft import AdaLoraConfig, LoraConfig, get_peft_model
 from torch import nn
 
 from .adalora_callback import resolve_schedule_steps
+from .adapted_matrices import strip_peft_prefix
 from .arguments import FWLoraArguments
 
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LORA_R = 8
-# Classification heads: trained in full by every method (peft's `modules_to_save` for SEQ_CLS), never adapted.
-HEAD_MODULE_NAMES = ("classifier", "score")
+# Classification heads: trained in full by every method (peft's `modules_to_save`), never adapted. `classifier` and
+# `score` are peft's own SEQ_CLS defaults; `pre_classifier` is DistilBERT's dense layer in front of its classifier.
+# Besides these names, every top-level module of a task model outside its backbone is head (`head_module_names`).
+HEAD_MODULE_NAMES = ("classifier", "score", "pre_classifier")
+# What peft's SEQ_CLS models add to `modules_to_save` by themselves.
+_PEFT_SEQ_CLS_MODULES = ("classifier", "score")
+
+# The six roles of a transformer encoder layer that LoRA/AdaLoRA adapt, in the order of the forward pass.
+TARGET_ROLES = ("query", "key", "value", "attention_output", "ffn_in", "ffn_out")
 
 _BERT_STYLE_ROLES = {
     "query": r"attention\.self\.query",
@@ -25,12 +33,35 @@ _BERT_STYLE_ROLES = {
     "value": r"attention\.self\.value",
     "attention_output": r"attention\.output\.dense",
     "ffn_in": r"intermediate\.dense",
+    # FFN out is `layer.N.output.dense`; the look-behind keeps `attention.output.dense` (also ending so) out.
     "ffn_out": r"(?<!attention\.)output\.dense",
 }
-# Per `config.model_type`: role → regex that the module name must end with. The six roles of AdaLoRA's setup.
+# DeBERTa-v2/v3: BERT's layout with `*_proj` attention projections. The relative-position projections
+# (`attention.self.pos_key_proj`/`pos_query_proj`, when `share_att_key` is off) and the ContextPooler (`pooler.dense`,
+# head) do not match. DeBERTa v1 (model_type "deberta") fuses q, k, v into one `in_proj`: no default for it.
+_DEBERTA_V2_ROLES = {
+    **_BERT_STYLE_ROLES,
+    "query": r"attention\.self\.query_proj",
+    "key": r"attention\.self\.key_proj",
+    "value": r"attention\.self\.value_proj",
+}
+_DISTILBERT_ROLES = {
+    "query": r"attention\.q_lin",
+    "key": r"attention\.k_lin",
+    "value": r"attention\.v_lin",
+    "attention_output": r"attention\.out_lin",
+    "ffn_in": r"ffn\.lin1",
+    "ffn_out": r"ffn\.lin2",
+}
+# Per `config.model_type`: role → regex that the module name must end with (at a `.` boundary). Every table has the
+# six `TARGET_ROLES`, the setup of AdaLoRA's GLUE experiments.
 ENCODER_TARGET_ROLES = {
-    model_type: _BERT_STYLE_ROLES
-    for model_type in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "data2vec-text", "ernie")
+    **{
+        model_type: _BERT_STYLE_ROLES
+        for model_type in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "data2vec-text", "ernie")
+    },
+    "deberta-v2": _DEBERTA_V2_ROLES,
+    "distilbert": _DISTILBERT_ROLES,
 }
 
 _LAYER_INDEX = re.compile(r"\.layer\.(\d+)\.")
@@ -84,8 +115,58 @@ class AdapterSummary:
         return "\n".join(lines)
 
 
-def _is_head(name: str) -> bool:
-    return any(part in HEAD_MODULE_NAMES for part in name.split("."))
+def _role_pattern(suffix: str) -> re.Pattern:
+    # Anchored at a name boundary, so that e.g. `crossattention.self.query` is not a `query`.
+    return re.compile(r"(?:^|\.)(?:" + suffix + r")$")
+
+
+def target_role(model_type: str, module_name: str) -> Optional[str]:
+    """
+    The role that a module plays in its encoder layer, by the default-target table of its architecture.
+
+    Args:
+        model_type (`str`): The model's `config.model_type`, e.g. `"deberta-v2"`.
+        module_name (`str`):
+            A module name as in the base model (`deberta.encoder.layer.3.attention.self.query_proj`); peft's
+            `base_model.model.` prefix does not matter.
+
+    Returns:
+        `Optional[str]`: One of `TARGET_ROLES` (`"query"`, `"key"`, `"value"`, `"attention_output"`, `"ffn_in"`,
+        `"ffn_out"`), or `None` if the name plays none of them or `model_type` has no default targets.
+    """
+    roles = ENCODER_TARGET_ROLES.get(model_type)
+    if roles is None:
+        return None
+    for role, suffix in roles.items():
+        if _role_pattern(suffix).search(module_name):
+            return role
+    return None
+
+
+def head_module_names(model: nn.Module) -> tuple[str, ...]:
+    """
+    Names of the modules that make up the task head of `model`: trained in full by every method, never adapted.
+
+    These are `HEAD_MODULE_NAMES` and, for a transformers task model, every top-level module with parameters outside
+    its backbone (`model.base_model_prefix`), as in the reference LoRA/AdaLoRA GLUE code, which trains everything
+    outside `roberta.`/`deberta.`. That adds DistilBERT's `pre_classifier` and DeBERTa's ContextPooler (`pooler`,
+    randomly initialised: pretrained DeBERTa checkpoints have no pooler weights). BERT's pooler belongs to the
+    backbone (`bert.pooler`) and stays an ordinary frozen layer.
+    """
+    children = dict(model.named_children())
+    backbone = getattr(model, "base_model_prefix", None)
+    if not backbone or backbone not in children:
+        return HEAD_MODULE_NAMES  # a bare backbone or not a transformers task model
+    outside = [
+        name for name, child in children.items() if name != backbone and next(child.parameters(), None) is not None
+    ]
+    return HEAD_MODULE_NAMES + tuple(name for name in outside if name not in HEAD_MODULE_NAMES)
+
+
+def _is_head(name: str, heads: tuple[str, ...] = HEAD_MODULE_NAMES) -> bool:
+    parts = strip_peft_prefix(name).split(".")
+    # Modules found outside the backbone count at the top level only; the fixed names anywhere (nested heads).
+    return parts[0] in heads or any(part in HEAD_MODULE_NAMES for part in parts)
 
 
 def resolve_target_modules(model: nn.Module, target_modules: Optional[list[str]] = None) -> list[str]:
@@ -96,14 +177,16 @@ def resolve_target_modules(model: nn.Module, target_modules: Optional[list[str]]
         model (`nn.Module`): The base model (not yet wrapped by peft).
         target_modules (`list[str]`, *optional*):
             Names or name suffixes (peft's matching: `name == t` or `name.endswith("." + t)`). Each must match at
-            least one linear layer outside the classification head. Defaults to the six roles of every encoder layer
-            (query, key, value, attention output, FFN in, FFN out) for the architectures of `ENCODER_TARGET_ROLES`.
+            least one linear layer outside the classification head (`head_module_names`). Defaults to the six roles
+            of every encoder layer (query, key, value, attention output, FFN in, FFN out) for the architectures
+            (`config.model_type`) of `ENCODER_TARGET_ROLES`; poolers and heads are never default targets.
 
     Raises:
         `ValueError`: If a target matches nothing, or the architecture has no default and no targets are given.
     """
+    heads = head_module_names(model)
     linear_names = [
-        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and not _is_head(name)
+        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and not _is_head(name, heads)
     ]
     if target_modules is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -113,15 +196,14 @@ def resolve_target_modules(model: nn.Module, target_modules: Optional[list[str]]
                 f"{', '.join(sorted(ENCODER_TARGET_ROLES))}). Pass the linear layers to adapt explicitly, e.g. "
                 "`--lora_target_modules query_proj key_proj value_proj` (names or name suffixes)."
             )
-        roles = ENCODER_TARGET_ROLES[model_type]
-        missing = [role for role, suffix in roles.items() if not any(re.search(suffix + "$", n) for n in linear_names)]
+        patterns = {role: _role_pattern(suffix) for role, suffix in ENCODER_TARGET_ROLES[model_type].items()}
+        missing = [role for role, pattern in patterns.items() if not any(pattern.search(n) for n in linear_names)]
         if missing:
             raise ValueError(
                 f"The default {model_type} LoRA targets found no layer for the role(s) {', '.join(missing)}: this "
                 "model does not have the usual layout. Pass the layers to adapt with `--lora_target_modules`."
             )
-        pattern = re.compile("(" + "|".join(roles.values()) + r")$")
-        return [name for name in linear_names if pattern.search(name)]
+        return [name for name in linear_names if any(pattern.search(name) for pattern in patterns.values())]
 
     resolved = []
     for target in target_modules:
@@ -136,7 +218,10 @@ def resolve_target_modules(model: nn.Module, target_modules: Optional[list[str]]
 
 
 def layer_index(module_name: str) -> Optional[int]:
-    """The encoder layer a module belongs to (`...layer.3.attention...` → 3), or `None`."""
+    """
+    The encoder layer a module belongs to (`roberta.encoder.layer.3.attention...` and DistilBERT's
+    `distilbert.transformer.layer.3.ffn.lin1` → 3), or `None`.
+    """
     match = _LAYER_INDEX.search(module_name)
     return int(match.group(1)) if match else None
 
@@ -182,7 +267,9 @@ def build_peft_model(
 
     `lora` and `fw_lora` get the same `LoraConfig` (so they compare like for like); `adalora` gets an `AdaLoraConfig`
     whose final average rank is the same `r` and initial rank `ceil(adalora_init_r_ratio · r)`; `full` leaves the model
-    as it is, every parameter trainable.
+    as it is, every parameter trainable. Every method trains the whole task head (`head_module_names`): peft's own
+    `modules_to_save` (`classifier`, `score`) plus the rest of it, e.g. DistilBERT's `pre_classifier` and
+    DeBERTa's `pooler`.
 
     Args:
         model (`nn.Module`): A transformers model with a classification head.
@@ -197,9 +284,10 @@ def build_peft_model(
     """
     model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
     base_params = count_base_params(model)
+    heads = head_module_names(model)
     if args.method == "full":
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        head = sum(p.numel() for name, p in model.named_parameters() if _is_head(name))
+        head = sum(p.numel() for name, p in model.named_parameters() if _is_head(name, heads))
         summary = AdapterSummary("full", model_type, base_params=base_params, head_params=head)
         summary.trainable_params = trainable
         return model, summary
@@ -210,8 +298,16 @@ def build_peft_model(
     else:
         rank = args.lora_r or DEFAULT_LORA_R
 
+    # peft matches `modules_to_save` as plain name suffixes: its `classifier` default catches DistilBERT's
+    # `pre_classifier` only by accident, and nothing catches DeBERTa's `pooler`. Name the rest of the head explicitly.
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    extra_heads = [name for name in heads if name in present and name not in _PEFT_SEQ_CLS_MODULES]
     common = dict(
-        task_type=task_type, target_modules=targets, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout
+        task_type=task_type,
+        target_modules=targets,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        modules_to_save=extra_heads or None,
     )
     init_rank = None
     if args.method == "adalora":
@@ -234,7 +330,9 @@ def build_peft_model(
     peft_model = get_peft_model(model, config)
 
     adapter_params = sum(p.numel() for name, p in peft_model.named_parameters() if "lora_" in name)
-    head_params = sum(p.numel() for name, p in peft_model.named_parameters() if p.requires_grad and _is_head(name))
+    head_params = sum(
+        p.numel() for name, p in peft_model.named_parameters() if p.requires_grad and _is_head(name, heads)
+    )
     summary = AdapterSummary(
         method=args.method,
         model_type=model_type,

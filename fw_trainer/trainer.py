@@ -22,8 +22,8 @@ class FWLoraTrainer(Trainer):
     r"""
     [`~transformers.Trainer`] for Fisher-weighted LoRA. The changes w.r.t. `Trainer`:
 
-    - `compute_loss` adds `λ Σ_m (1 − I_m) ‖ΔW_m‖²` in training mode once the Fisher warm-up is over (method
-      `fw_lora`), and records `task_loss`, `fw_penalty` (`Σ (1 − I) ‖ΔW‖²`) and `fw_weighted_penalty` (`λ` times it);
+    - `compute_loss` adds `λ Σ_m (1 − I_m)^β ‖ΔW_m‖²` in training mode once the Fisher warm-up is over (methods
+      `fw_lora` and `iw_lora`; IW-LoRA measures in a calibration before training), and records `task_loss`, `fw_penalty` (`Σ (1 − I) ‖ΔW‖²`) and `fw_weighted_penalty` (`λ` times it);
     - `log` merges those averages (and AdaLoRA's rank budget, and the frozen importances once) into every report, so
       they reach TensorBoard and every other integration;
     - the loss is a per-micro-batch mean that the Trainer divides by the gradient-accumulation steps: transformers
@@ -67,11 +67,16 @@ class FWLoraTrainer(Trainer):
 
         self.fisher_callback: Optional[FisherWarmupCallback] = None
         self.adalora_callback: Optional[AdaLoraAllocationCallback] = None
-        if self.fw_args.method == "fw_lora":
+        if self.fw_args.uses_fisher_weights:
+            calibrate = self.fw_args.fw_warmup_mode == "calibrate"
             self.fisher_callback = FisherWarmupCallback(
                 warmup_steps=self.fw_args.fw_warmup_steps,
                 ema_decay=self.fw_args.fw_ema_decay,
                 normalization=self.fw_args.fw_normalization,
+                statistic=self.fw_args.fw_statistic,
+                average=self.fw_args.fw_average,
+                power=self.fw_args.fw_power,
+                calibration_backward=self._calibration_backward if calibrate else None,
             )
             self.add_callback(self.fisher_callback)
         elif self.fw_args.method == "adalora":
@@ -96,6 +101,18 @@ class FWLoraTrainer(Trainer):
                     resume_from_checkpoint,
                 )
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _calibration_backward(self, inputs: dict[str, Union[torch.Tensor, Any]]) -> None:
+        """One calibration micro-batch (IW-LoRA): forward and backward for the Fisher hooks, then no gradient left."""
+        model = self.model_wrapped
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        # No all-reduce of gradients that nobody uses: each rank measures its own micro-batches.
+        with self.accelerator.no_sync(model):
+            with self.compute_loss_context_manager():
+                loss = super().compute_loss(model, inputs)
+            self.accelerator.backward(self.fisher_callback.scale_probe(loss))
+        model.zero_grad(set_to_none=True)
 
     def compute_loss(
         self,

@@ -168,7 +168,7 @@ def test_non_finite_micro_batch_is_skipped():
         callback._fold_micro_batch()
     callback._end_optimizer_step()
 
-    fisher = callback._ema / (1 - callback.ema_decay)
+    fisher = callback._running / (1 - callback.ema_decay)
     torch.testing.assert_close(fisher, expected, rtol=1e-4, atol=0)
     assert callback._num_updates.item() == 1
 

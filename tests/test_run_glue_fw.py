@@ -139,7 +139,7 @@ def read_json(path):
         return json.load(f)
 
 
-@pytest.mark.parametrize("method", ["lora", "adalora", "fw_lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "adalora", "fw_lora", "iw_lora", "full"])
 def test_every_method_trains_and_evaluates_sst2(method, tiny_model_dir, glue_dir, tmp_path):
     out = tmp_path / method
     extra = ["--adalora_tinit", "2", "--adalora_tfinal", "2", "--adalora_delta_t", "2"] if method == "adalora" else []
@@ -160,7 +160,7 @@ def test_every_method_trains_and_evaluates_sst2(method, tiny_model_dir, glue_dir
     else:
         assert len(summary["target_modules"]) == 12 and summary["rank"] == 4
         assert results["adapter_params"] == summary["adapter_params"]
-    assert (out / "fw_importance.json").is_file() == (method == "fw_lora")
+    assert (out / "fw_importance.json").is_file() == (method in ("fw_lora", "iw_lora"))
     assert (out / "adalora_rank_pattern.json").is_file() == (method == "adalora")
 
     # TensorBoard is on by default: the scalars come back through TensorBoard's own reader.
@@ -170,8 +170,10 @@ def test_every_method_trains_and_evaluates_sst2(method, tiny_model_dir, glue_dir
     accumulator.Reload()
     scalars = accumulator.Tags()["scalars"]
     assert {"train/loss", "train/task_loss", "train/learning_rate", "eval/accuracy"} <= set(scalars)
-    if method == "fw_lora":
-        assert [e.step for e in accumulator.Scalars("train/fw_penalty")] == [8, 12]
+    if method in ("fw_lora", "iw_lora"):
+        # FW-LoRA measures during steps 1-4; IW-LoRA in a calibration before step 1, penalising from then on.
+        expected_steps = [8, 12] if method == "fw_lora" else [4, 8, 12]
+        assert [e.step for e in accumulator.Scalars("train/fw_penalty")] == expected_steps
         assert sum(tag.startswith("train/fw_importance/") for tag in scalars) == 12
 
 
