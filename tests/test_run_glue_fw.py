@@ -20,7 +20,12 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    DebertaV2Config,
+    DistilBertConfig,
+    ElectraConfig,
     PreTrainedTokenizerFast,
+    RobertaConfig,
+    XLMRobertaConfig,
 )
 
 
@@ -71,6 +76,51 @@ def tiny_model_dir(tmp_path_factory) -> str:
     )
     BertForSequenceClassification(config).save_pretrained(path)
     return str(path)
+
+
+ARCHITECTURE_CONFIGS = {
+    "roberta": lambda vocab: RobertaConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=68, pad_token_id=0,
+    ),
+    "xlm-roberta": lambda vocab: XLMRobertaConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=68, pad_token_id=0,
+    ),
+    "electra": lambda vocab: ElectraConfig(
+        vocab_size=vocab, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=48, max_position_embeddings=64,
+    ),
+    "deberta-v2": lambda vocab: DebertaV2Config(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=64, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=16,
+    ),
+    "distilbert": lambda vocab: DistilBertConfig(
+        vocab_size=vocab, dim=32, n_layers=2, n_heads=4, hidden_dim=48, max_position_embeddings=64,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURE_CONFIGS))
+def test_every_architecture_from_the_command_line(model_type, tiny_model_dir, glue_dir, tmp_path):
+    """Each supported encoder, saved to disk, fine-tuned with the IW-LoRA preset on the six default roles."""
+    model_dir = tmp_path / model_type
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    if model_type == "distilbert":
+        tokenizer.model_input_names = ["input_ids", "attention_mask"]  # DistilBERT has no segment embeddings
+    tokenizer.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = ARCHITECTURE_CONFIGS[model_type](len(tokenizer))
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(model_dir)
+
+    out = tmp_path / "out"
+    args = common(model_dir, out, "--task_name", "sst2", "--glue_dir", glue_dir, "--method", "iw_lora")
+    assert run([*args, "--fw_warmup_steps", "2", "--report_to", "none"]) == 0
+    summary = read_json(out / "adapter_summary.json")
+    assert summary["model_type"] == model_type and len(summary["target_modules"]) == 12
+    importance = read_json(out / "fw_importance.json")
+    assert importance["frozen_at_step"] == 0 and list(importance["modules"]) == summary["target_modules"]
+    assert 0.0 <= read_json(out / "all_results.json")["eval_accuracy"] <= 1.0
 
 
 def write_tsv(path: Path, header, rows) -> None:
