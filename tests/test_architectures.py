@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import PAD_ID, SEQ_LEN, VOCAB, TokenDataset, training_args
+from conftest import PAD_ID, ROLES, SEQ_LEN, VOCAB, TokenDataset, training_args
 from peft import get_peft_model_state_dict
 from test_fisher_callback import SequentialFWLoraTrainer, reference_sq_grad_norms, rows
 from transformers import (
@@ -43,14 +43,7 @@ BERT_STYLE = dict(
 
 # Per architecture: the model class and config, the encoder layers' prefix and the six layers of every encoder layer
 # (q, k, v, attention output, FFN in, FFN out), spelled out from the transformers modeling files.
-BERT_ROLES = (
-    "attention.self.query",
-    "attention.self.key",
-    "attention.self.value",
-    "attention.output.dense",
-    "intermediate.dense",
-    "output.dense",
-)
+BERT_ROLES = ROLES
 DEBERTA_V2_ROLES = (
     "attention.self.query_proj",
     "attention.self.key_proj",
