@@ -5,7 +5,8 @@ Optimizer-step time of each method through the real `FWLoraTrainer` code path, i
     python benchmarks/overhead.py --batch_size 32 --seq_len 128 --bf16 --device cuda
     python benchmarks/overhead.py --model /path/to/any/encoder --output overhead.json
 
-Methods: `lora`, `fw_lora_warmup` (FW-LoRA while its Fisher hooks run), `fw_lora` (after the warm-up, penalty on),
+Methods: `lora`, `fw_lora_warmup` (FW-LoRA while its Fisher hooks run, exact estimator), `fw_lora_warmup_sketch` (the
+same with the sketched estimator, 8 probes), `fw_lora` (after the warm-up, penalty on),
 `adalora` and `full`. Every round trains each method for `--steps` optimizer steps (a fresh `Trainer.train()` on the
 same model, the first step of each call not timed) in turn, so drifts of a shared machine hit all methods alike. The
 table gives the median step time over all rounds and its ratio to `lora`.
@@ -27,10 +28,10 @@ from transformers import (
     TrainingArguments,
 )
 
-from fw_trainer import FWLoraArguments, FWLoraTrainer, build_peft_model
+from fw_trainer import FisherWeightedPenalty, FWLoraArguments, FWLoraTrainer, build_peft_model, find_adapted_matrices
 
 
-METHODS = ("lora", "fw_lora_warmup", "fw_lora", "adalora", "full")
+METHODS = ("lora", "fw_lora_warmup", "fw_lora_warmup_sketch", "fw_lora", "adalora", "full")
 
 
 class StepTimer(TrainerCallback):
@@ -85,9 +86,39 @@ def build_model(model_path: str | None):
 def fw_arguments(method: str) -> FWLoraArguments:
     if method == "fw_lora_warmup":
         return FWLoraArguments(method="fw_lora", fw_warmup_steps=10**9)
+    if method == "fw_lora_warmup_sketch":
+        return FWLoraArguments(method="fw_lora", fw_warmup_steps=10**9, fw_estimator="sketch")
     if method == "fw_lora":
         return FWLoraArguments(method="fw_lora", fw_warmup_steps=0)
     return FWLoraArguments(method=method, adalora_tinit=0, adalora_tfinal=0)
+
+
+def count_penalty_ops(model) -> dict:
+    """
+    Aten operators that one evaluation of the penalty adds to a training step, forward and backward, counted with
+    `torch.profiler` — grouped (what `FWLoraTrainer` runs) vs a plain Python loop over the matrices.
+    """
+    matrices = find_adapted_matrices(model)
+    weights = torch.rand(len(matrices))
+    grouped = FisherWeightedPenalty(matrices, weights)
+
+    def looped():
+        return sum(w * m.layer.get_delta_weight(m.adapter_name).pow(2).sum() for w, m in zip(weights, matrices))
+
+    counts = {"matrices": len(matrices), "groups": grouped.num_groups}
+    for name, penalty in (("grouped", grouped), ("per_matrix_loop", looped)):
+        model.zero_grad(set_to_none=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            penalty().backward()
+        # Outermost aten operators only (forward ones, and those under an autograd backward node): an op's own
+        # sub-calls, e.g. the aten::mm inside aten::matmul, are not extra kernels.
+        counts[name] = sum(
+            1
+            for event in profile.events()
+            if event.name.startswith("aten::")
+            and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"))
+        )
+    return counts
 
 
 def main():
@@ -101,7 +132,19 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--output", default=None, help="Write the figures as JSON here.")
+    parser.add_argument(
+        "--penalty_ops", action="store_true", help="Only count the aten ops the penalty adds per step, then exit."
+    )
     args = parser.parse_args()
+
+    if args.penalty_ops:
+        model, _ = build_peft_model(build_model(args.model), FWLoraArguments(method="fw_lora"))
+        counts = count_penalty_ops(model)
+        print(json.dumps(counts, indent=2))
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(counts, f, indent=2)
+        return
 
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")

@@ -10,6 +10,7 @@ PENALTIES = ("delta", "factors")
 STATISTICS = ("sq_norm", "norm")
 AVERAGES = ("ema", "mean")
 WARMUP_MODES = ("train", "calibrate")
+ESTIMATORS = ("exact", "sketch")
 # What `method="iw_lora"` (the earlier IW-LoRA proposal) sets, where the user leaves an option unset.
 IW_LORA_PRESET = {"fw_statistic": "norm", "fw_average": "mean", "fw_warmup_mode": "calibrate", "fw_warmup_steps": 200}
 FW_LORA_DEFAULTS = {"fw_statistic": "sq_norm", "fw_average": "ema", "fw_warmup_mode": "train", "fw_warmup_steps": 500}
@@ -67,6 +68,12 @@ class FWLoraArguments:
             Per-micro-batch statistic: `"sq_norm"` `‖∇W‖_F²` (FW-LoRA's Fisher proxy) or `"norm"` `‖∇W‖_F` (IW-LoRA).
         fw_average (`str`, *optional*, defaults to `"ema"` (`iw_lora`: `"mean"`)):
             Average over steps: `"ema"` (decay `fw_ema_decay`, bias-corrected) or `"mean"` (plain running mean).
+        fw_estimator (`str`, *optional*, defaults to `"exact"`):
+            `"exact"`: `‖Gᵀ X‖_F²` with one GEMM per adapted matrix and micro-batch. `"sketch"`: the unbiased
+            estimate `‖(X Z)ᵀ G‖_F² / k` with `k` fresh Gaussian probes `Z` per micro-batch, O(N·(d_in + d_out)·k)
+            instead of O(N·d_in·d_out), and only `X Z` kept for the backward pass.
+        fw_sketch_probes (`int`, *optional*, defaults to `8`):
+            Number `k` of probes of the sketched estimator.
         fw_ema_decay (`float`, *optional*, defaults to `0.98`):
             Decay α of the exponential moving average.
         fw_power (`float`, *optional*, defaults to `1.0`):
@@ -125,6 +132,11 @@ class FWLoraArguments:
     fw_average: Optional[str] = field(
         default=None, metadata={"help": "ema: moving average (default); mean: running mean (iw_lora's default)."}
     )
+    fw_estimator: str = field(
+        default="exact",
+        metadata={"help": "exact: one GEMM per matrix; sketch: unbiased estimate from --fw_sketch_probes probes."},
+    )
+    fw_sketch_probes: int = field(default=8, metadata={"help": "Random probes k of the sketched estimator."})
     fw_ema_decay: float = field(default=0.98, metadata={"help": "Decay of the moving average."})
     fw_power: float = field(default=1.0, metadata={"help": "Exponent beta of the penalty weights (1 - I)^beta."})
     fw_normalization: str = field(
@@ -144,6 +156,7 @@ class FWLoraArguments:
             if getattr(self, name) is None:
                 setattr(self, name, value)
         for name, allowed in (
+            ("fw_estimator", ESTIMATORS),
             ("fw_warmup_mode", WARMUP_MODES),
             ("fw_statistic", STATISTICS),
             ("fw_average", AVERAGES),
@@ -152,6 +165,10 @@ class FWLoraArguments:
                 raise ValueError(
                     f"`{name}` should be one of {allowed}, but the value passed is {getattr(self, name)!r}."
                 )
+        if self.fw_sketch_probes < 1:
+            raise ValueError(
+                f"`fw_sketch_probes` should be a positive integer, but the value passed is {self.fw_sketch_probes}."
+            )
         if self.fw_power < 0:
             raise ValueError(
                 f"`fw_power` should be greater than or equal to 0, but the value passed is {self.fw_power}."

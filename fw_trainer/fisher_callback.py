@@ -74,6 +74,10 @@ class FisherWarmupCallback(TrainerCallback):
         statistic (`str`, *optional*, defaults to `"sq_norm"`): `"sq_norm"` (`‖∇W‖²`) or `"norm"` (`‖∇W‖`).
         average (`str`, *optional*, defaults to `"ema"`): `"ema"` or `"mean"`.
         power (`float`, *optional*, defaults to `1.0`): Exponent β of the penalty weights `(1 − I)^β`.
+        estimator (`str`, *optional*, defaults to `"exact"`):
+            `"exact"` (`‖Gᵀ X‖²`, one GEMM) or `"sketch"` (`‖(X Z)ᵀ G‖² / k`, `k` Gaussian probes drawn from a
+            generator of its own seeded with `args.seed`, so the training's random stream is untouched).
+        sketch_probes (`int`, *optional*, defaults to `8`): Number `k` of probes of the sketch.
         calibration_backward (`Callable[[dict], None]`, *optional*):
             Given, the statistic is measured in a calibration before training (see [`calibrate`]) by calling it on
             each micro-batch: it must run forward and backward with the loss routed through [`scale_probe`] and leave
@@ -89,6 +93,8 @@ class FisherWarmupCallback(TrainerCallback):
         statistic: str = "sq_norm",
         average: str = "ema",
         power: float = 1.0,
+        estimator: str = "exact",
+        sketch_probes: int = 8,
         calibration_backward: Optional[Callable[[dict], None]] = None,
         adapter_name: str = "default",
     ):
@@ -98,6 +104,10 @@ class FisherWarmupCallback(TrainerCallback):
         self.statistic = statistic
         self.average = average
         self.power = power
+        self.estimator = estimator
+        self.sketch_probes = sketch_probes
+        self._probe_seed = 0
+        self._generator: Optional[torch.Generator] = None
         self.calibration_backward = calibration_backward
         self.adapter_name = adapter_name
 
@@ -169,19 +179,36 @@ class FisherWarmupCallback(TrainerCallback):
         # Under `no_grad` (evaluation, the first pass of reentrant gradient checkpointing) there is nothing to measure.
         if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
             return
-        output.register_hook(partial(self._output_grad_hook, index, args[0]))
+        inputs = args[0].detach().reshape(-1, args[0].shape[-1])
+        if self.estimator == "sketch":
+            # Only X Z (N × k) waits for the backward pass, not X.
+            with torch.no_grad():
+                probes = torch.randn(
+                    inputs.shape[-1], self.sketch_probes, device=inputs.device, generator=self._probe_generator(inputs)
+                )
+                inputs = inputs.float() @ probes
+        output.register_hook(partial(self._output_grad_hook, index, inputs))
+
+    def _probe_generator(self, like: torch.Tensor) -> torch.Generator:
+        if self._generator is None or self._generator.device != like.device:
+            self._generator = torch.Generator(device=like.device).manual_seed(self._probe_seed)
+        return self._generator
 
     @torch.no_grad()
-    def _output_grad_hook(self, index: int, layer_input: torch.Tensor, output_grad: torch.Tensor) -> None:
+    def _output_grad_hook(self, index: int, inputs: torch.Tensor, output_grad: torch.Tensor) -> None:
         if self._loss_grad is None:
             raise RuntimeError(
                 "FisherWarmupCallback saw a backward pass that did not start from `FWLoraTrainer.compute_loss`. "
                 "Train with `fw_trainer.FWLoraTrainer` (it routes the loss through `scale_probe`)."
             )
         grad = output_grad.reshape(-1, output_grad.shape[-1]).float()
-        inputs = layer_input.reshape(-1, layer_input.shape[-1]).float()
-        # ∇W = Gᵀ X for y = X Wᵀ: one GEMM, the (d_out × d_in) result is dropped at once.
-        value = torch.mm(grad.t(), inputs).square().sum() / self._loss_grad.square()
+        if self.estimator == "sketch":
+            # E‖Gᵀ X z‖² = ‖Gᵀ X‖_F² for z ~ N(0, I); (X Z)ᵀ G (k × d_out) avoids transposing the large G.
+            value = torch.mm(inputs.t(), grad).square().sum() / self.sketch_probes
+        else:
+            # ∇W = Gᵀ X for y = X Wᵀ: one GEMM, the (d_out × d_in) result is dropped at once.
+            value = torch.mm(grad.t(), inputs.float()).square().sum()
+        value = value / self._loss_grad.square()
         if self.statistic == "norm":
             value = value.sqrt()
         previous = self._pending[index]
@@ -245,6 +272,7 @@ class FisherWarmupCallback(TrainerCallback):
     # ----- Trainer events ---------------------------------------------------------------------------------------
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._probe_seed, self._generator = args.seed, None
         model = kwargs["model"]
         # A Trainer with `model_init` (hyper-parameter search) brings a new model to every `train()` call.
         if self.matrices is None or not any(module is self.matrices[0].layer for module in model.modules()):
@@ -329,6 +357,7 @@ class FisherWarmupCallback(TrainerCallback):
             "statistic": self.statistic,
             "average": self.average,
             "power": self.power,
+            "estimator": self.estimator,
             "num_updates": int(self._num_updates.item()),
             "modules": modules,
         }

@@ -76,6 +76,8 @@ class FWLoraTrainer(Trainer):
                 statistic=self.fw_args.fw_statistic,
                 average=self.fw_args.fw_average,
                 power=self.fw_args.fw_power,
+                estimator=self.fw_args.fw_estimator,
+                sketch_probes=self.fw_args.fw_sketch_probes,
                 calibration_backward=self._calibration_backward if calibrate else None,
             )
             self.add_callback(self.fisher_callback)

@@ -1,0 +1,63 @@
+"""The sketched Fisher estimator (`fw_estimator="sketch"`) against the exact one and autograd."""
+
+import torch
+from conftest import TokenDataset, lora_model, training_args
+from scipy.stats import spearmanr
+from test_fisher_callback import SequentialFWLoraTrainer, reference_sq_grad_norms, rows
+
+from fw_trainer import FisherWarmupCallback
+
+
+def sketched_steps(model, batch, num_steps: int, probes: int) -> torch.Tensor:
+    """The running mean of `num_steps` independent sketches of the same micro-batch."""
+    callback = FisherWarmupCallback(warmup_steps=num_steps, estimator="sketch", sketch_probes=probes, average="mean")
+    callback._setup(model)
+    callback._install_hooks()
+    model.train()
+    for _ in range(num_steps):
+        callback.scale_probe(model(**batch).loss).backward()
+        callback._fold_micro_batch()
+        callback._end_optimizer_step()
+    model.zero_grad(set_to_none=True)
+    return callback._running
+
+
+def test_many_probes_give_the_exact_value():
+    dataset = TokenDataset(size=8)
+    model, _ = lora_model()
+    expected = reference_sq_grad_norms(model, rows(dataset, 0, 8))
+    estimate = sketched_steps(model, rows(dataset, 0, 8), num_steps=1, probes=4096)
+    # Relative standard deviation sqrt(2 / k) ≈ 2 %.
+    torch.testing.assert_close(estimate, expected, rtol=0.1, atol=0)
+
+
+def test_few_probes_are_unbiased():
+    dataset = TokenDataset(size=8)
+    model, _ = lora_model()
+    expected = reference_sq_grad_norms(model, rows(dataset, 0, 8))
+    # 8 probes: each estimate is off by ~50 %; the mean of 200 independent ones by ~3.5 %.
+    estimate = sketched_steps(model, rows(dataset, 0, 8), num_steps=200, probes=8)
+    torch.testing.assert_close(estimate, expected, rtol=0.15, atol=0)
+
+
+def test_probes_leave_the_global_random_stream_alone():
+    dataset = TokenDataset(size=8)
+    model, _ = lora_model()
+    before = torch.get_rng_state()
+    sketched_steps(model, rows(dataset, 0, 8), num_steps=2, probes=8)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_sketched_importances_rank_like_the_exact_ones(tmp_path):
+    """Over a 32-step warm-up (the same trajectory for both: the estimate does not touch training), with 16 probes."""
+    dataset = TokenDataset(size=256)
+    importances = {}
+    for estimator in ("exact", "sketch"):
+        model, fw_args = lora_model(fw_warmup_steps=32, fw_estimator=estimator, fw_sketch_probes=16)
+        trainer = SequentialFWLoraTrainer(
+            model=model, args=training_args(tmp_path / estimator, max_steps=32), train_dataset=dataset, fw_args=fw_args
+        )
+        trainer.train()
+        importances[estimator] = trainer.fisher_callback.importances
+    correlation = spearmanr(importances["exact"].numpy(), importances["sketch"].numpy()).statistic
+    assert correlation >= 0.9, correlation
