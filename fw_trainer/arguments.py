@@ -160,6 +160,8 @@ class FWLoraArguments:
             ("fw_warmup_mode", WARMUP_MODES),
             ("fw_statistic", STATISTICS),
             ("fw_average", AVERAGES),
+            ("fw_normalization", NORMALIZATIONS),
+            ("fw_penalty", PENALTIES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -217,15 +219,6 @@ class FWLoraArguments:
             )
         if not 0 < self.fw_ema_decay < 1:
             raise ValueError(f"`fw_ema_decay` should be in (0, 1), but the value passed is {self.fw_ema_decay}.")
-        if self.fw_normalization not in NORMALIZATIONS:
-            raise ValueError(
-                f"`fw_normalization` should be one of {NORMALIZATIONS}, but the value passed is "
-                f"{self.fw_normalization!r}."
-            )
-        if self.fw_penalty not in PENALTIES:
-            raise ValueError(
-                f"`fw_penalty` should be one of {PENALTIES}, but the value passed is {self.fw_penalty!r}."
-            )
 
     @property
     def uses_fisher_weights(self) -> bool:

@@ -1,5 +1,6 @@
 """The sketched Fisher estimator (`fw_estimator="sketch"`) against the exact one and autograd."""
 
+import pytest
 import torch
 from conftest import TokenDataset, lora_model, training_args
 from scipy.stats import spearmanr
@@ -22,22 +23,19 @@ def sketched_steps(model, batch, num_steps: int, probes: int) -> torch.Tensor:
     return callback._running
 
 
-def test_many_probes_give_the_exact_value():
+@pytest.mark.parametrize(
+    "num_steps, probes, rtol",
+    [
+        (1, 4096, 0.1),  # many probes: relative standard deviation sqrt(2 / k) ≈ 2 %
+        (200, 8, 0.15),  # few probes are unbiased: each off by ~50 %, the mean of 200 by ~3.5 %
+    ],
+)
+def test_sketch_converges_to_the_exact_value(num_steps, probes, rtol):
     dataset = TokenDataset(size=8)
     model, _ = lora_model()
     expected = reference_sq_grad_norms(model, rows(dataset, 0, 8))
-    estimate = sketched_steps(model, rows(dataset, 0, 8), num_steps=1, probes=4096)
-    # Relative standard deviation sqrt(2 / k) ≈ 2 %.
-    torch.testing.assert_close(estimate, expected, rtol=0.1, atol=0)
-
-
-def test_few_probes_are_unbiased():
-    dataset = TokenDataset(size=8)
-    model, _ = lora_model()
-    expected = reference_sq_grad_norms(model, rows(dataset, 0, 8))
-    # 8 probes: each estimate is off by ~50 %; the mean of 200 independent ones by ~3.5 %.
-    estimate = sketched_steps(model, rows(dataset, 0, 8), num_steps=200, probes=8)
-    torch.testing.assert_close(estimate, expected, rtol=0.15, atol=0)
+    estimate = sketched_steps(model, rows(dataset, 0, 8), num_steps=num_steps, probes=probes)
+    torch.testing.assert_close(estimate, expected, rtol=rtol, atol=0)
 
 
 def test_probes_leave_the_global_random_stream_alone():
