@@ -54,14 +54,23 @@ from transformers.integrations import is_tensorboard_available
 from transformers.trainer_utils import get_last_checkpoint
 
 from fw_trainer import FWLoraArguments, FWLoraTrainer, build_peft_model
+from fw_trainer.adapted_matrices import delta_weight_norms
 from fw_trainer.glue_data import TASK_TO_KEYS, glue_dir_from_env, load_glue_dir
 from fw_trainer.glue_metrics import combined_score, glue_metric
+from fw_trainer.hpo import HyperparameterSearchArguments, run_hyperparameter_search
+from fw_trainer.run_metrics import PRIMARY_GLUE_METRIC
+from fw_trainer.study_config import to_argv
 
 
 logger = logging.getLogger(__name__)
 
 FINISHED_RUN_MARKER = "all_results.json"
 ADAPTER_SUMMARY_FILE = "adapter_summary.json"
+# Per dev example: index, gold label id (or score) and prediction of the final model, for McNemar's test and the
+# confusion matrix.
+EVAL_PREDICTIONS_FILE = "eval_predictions_{task}.tsv"
+# ‖ΔW‖_F per adapted matrix at the end of training: where each method put its capacity.
+DELTA_WEIGHT_NORMS_FILE = "delta_weight_norms.json"
 RELABELLED = "label_id"
 
 
@@ -219,7 +228,9 @@ class DataTrainingArguments:
 
 
 def make_parser() -> HfArgumentParser:
-    return HfArgumentParser((ModelArguments, DataTrainingArguments, FWLoraArguments, TrainingArguments))
+    return HfArgumentParser(
+        (ModelArguments, DataTrainingArguments, FWLoraArguments, HyperparameterSearchArguments, TrainingArguments)
+    )
 
 
 def yaml_to_argv(path: str) -> list[str]:
@@ -228,17 +239,7 @@ def yaml_to_argv(path: str) -> list[str]:
         config = yaml.safe_load(f) or {}
     if not isinstance(config, dict):
         raise UsageError(f"{path} should hold a mapping of argument names to values, e.g. `task_name: sst2`.")
-    argv = []
-    for key, value in config.items():
-        if value is None:
-            continue
-        if isinstance(value, list):
-            argv += [f"--{key}", *map(str, value)]
-        elif isinstance(value, bool):
-            argv += [f"--{key}", str(value).lower()]
-        else:
-            argv += [f"--{key}", str(value)]
-    return argv
+    return to_argv(config)
 
 
 def parse_args(argv: list[str]):
@@ -249,14 +250,14 @@ def parse_args(argv: list[str]):
         argv = yaml_to_argv(argv[0]) + argv[1:]
     given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
     try:
-        model_args, data_args, fw_args, training_args, remaining = make_parser().parse_args_into_dataclasses(
+        *parsed, remaining = make_parser().parse_args_into_dataclasses(
             argv, return_remaining_strings=True, look_for_args_file=False
         )
     except ValueError as error:
         raise UsageError(str(error)) from error
     if remaining:
         raise UsageError(f"Unknown arguments: {' '.join(remaining)}. See `python run_glue_fw.py --help`.")
-    return model_args, data_args, fw_args, training_args, given
+    return (*parsed, given)
 
 
 def resolve_model_path(model_args: ModelArguments) -> str:
@@ -379,7 +380,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run(argv: list[str]) -> None:
-    model_args, data_args, fw_args, training_args, given = parse_args(argv)
+    model_args, data_args, fw_args, hpo_args, training_args, given = parse_args(argv)
+    if hpo_args.hpo_trials and not (training_args.do_train and training_args.eval_strategy != "no"):
+        raise UsageError(
+            "--hpo_trials scores each trial by its last evaluation during training: pass --do_train and an "
+            "--eval_strategy (steps or epoch)."
+        )
     if "report_to" not in given and is_tensorboard_available():
         training_args.report_to = ["tensorboard"]
 
@@ -559,9 +565,13 @@ def run(argv: list[str]) -> None:
 
         hub_metric = evaluate.load(data_args.metric_name, cache_dir=model_args.cache_dir)
 
+    # The last evaluation's predictions, written per example after the final evaluation.
+    last_eval = {}
+
     def compute_metrics(p: EvalPrediction):
         preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
         preds = np.squeeze(preds) if is_regression else np.argmax(preds, axis=1)
+        last_eval.update(predictions=preds, label_ids=p.label_ids)
         if data_args.metric_name is not None:
             result = hub_metric.compute(predictions=preds, references=p.label_ids)
         elif data_args.task_name is not None:
@@ -601,6 +611,29 @@ def run(argv: list[str]) -> None:
         fw_args=fw_args,
     )
 
+    if hpo_args.hpo_trials:
+        try:
+            import optuna  # noqa: F401
+        except ImportError as error:
+            raise UsageError(
+                "--hpo_trials needs Optuna: `pip install optuna` (or `pip install fw-lora[hpo]`)."
+            ) from error
+
+        def model_init():
+            # A fresh pretrained model per trial, adapted with the trial's method arguments (rank, ...).
+            base = AutoModelForSequenceClassification.from_pretrained(
+                model_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub_kwargs
+            )
+            return build_method_model(base, trainer.fw_args)[0]
+
+        trainer.model_init = model_init
+        metric = PRIMARY_GLUE_METRIC.get(data_args.task_name) or ("mse" if is_regression else "accuracy")
+        results = run_hyperparameter_search(trainer, hpo_args, f"eval_{metric}", training_args.output_dir)
+        best = results["best_trial"]
+        print(f"\nBest of {hpo_args.hpo_trials} trials: #{best['number']}, eval_{metric} = {best['objective']:.4f}")
+        print("Parameters: " + ", ".join(f"--{key} {value}" for key, value in best["params"].items()))
+        return
+
     # Training
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint or last_checkpoint
@@ -614,6 +647,9 @@ def run(argv: list[str]) -> None:
         metrics["adapter_percent"] = summary.adapter_percent
 
         trainer.save_model()  # Saves the tokenizer too for easy upload
+        if fw_args.uses_lora and trainer.is_world_process_zero():
+            with open(os.path.join(training_args.output_dir, DELTA_WEIGHT_NORMS_FILE), "w") as f:
+                json.dump(delta_weight_norms(trainer.model), f, indent=2)
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
@@ -634,6 +670,8 @@ def run(argv: list[str]) -> None:
                 metrics = {k + "_mm": v for k, v in metrics.items()}
             final_metrics.update(metrics)
             trainer.log_metrics("eval", metrics)
+            if trainer.is_world_process_zero():
+                write_eval_predictions(training_args.output_dir, task, last_eval, is_regression)
         trainer.save_metrics("eval", final_metrics)
 
     if training_args.do_predict:
@@ -673,6 +711,18 @@ def run(argv: list[str]) -> None:
 
     if trainer.is_world_process_zero():
         print_report(trainer, final_metrics)
+
+
+def write_eval_predictions(output_dir: str, task: Optional[str], last_eval: dict, is_regression: bool) -> None:
+    """`eval_predictions_{task}.tsv`: index, label and prediction of each evaluation example, in dataset order."""
+    path = os.path.join(output_dir, EVAL_PREDICTIONS_FILE.format(task=task or "custom"))
+    with open(path, "w") as writer:
+        writer.write("index\tlabel\tprediction\n")
+        for index, (label, prediction) in enumerate(zip(last_eval["label_ids"], last_eval["predictions"])):
+            if is_regression:
+                writer.write(f"{index}\t{label:.6g}\t{prediction:.6g}\n")
+            else:
+                writer.write(f"{index}\t{int(label)}\t{int(prediction)}\n")
 
 
 def build_method_model(model, fw_args: FWLoraArguments):

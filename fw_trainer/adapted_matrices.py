@@ -84,3 +84,19 @@ def find_adapted_matrices(model: nn.Module, adapter_name: str = "default") -> li
             )
         matrices.append(AdaptedMatrix(strip_peft_prefix(name), module, adapter_name))
     return matrices
+
+
+@torch.no_grad()
+def delta_weight_norms(model: nn.Module, adapter_name: str = "default") -> dict[str, float]:
+    """
+    `‖ΔW‖_F` of every adapted linear weight of a LoRA or AdaLoRA model, by module name in the base model.
+
+    `ΔW` is peft's own `get_delta_weight` (for AdaLoRA `B (A ⊙ E)` scaled by `alpha / ranknum`, so pruned triplets
+    count as zero): the end-of-training picture of where each method put its capacity.
+    """
+    norms = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            if isinstance(module.get_base_layer(), nn.Linear):
+                norms[strip_peft_prefix(name)] = module.get_delta_weight(adapter_name).float().norm().item()
+    return norms

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from peft import PeftModel
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_glue_data import MNLI_DEV_HEADER, MNLI_TRAIN_HEADER, mnli_row
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
@@ -225,6 +226,26 @@ def test_every_method_trains_and_evaluates_sst2(method, tiny_model_dir, glue_dir
         expected_steps = [8, 12] if method == "fw_lora" else [4, 8, 12]
         assert [e.step for e in accumulator.Scalars("train/fw_penalty")] == expected_steps
         assert sum(tag.startswith("train/fw_importance/") for tag in scalars) == 12
+        # The layer × role heatmap image, once, when the importances are frozen.
+        (image,) = accumulator.Images("fw_importance/heatmap")
+        assert image.step == 4 and image.encoded_image_string.startswith(b"\x89PNG")
+
+    # The dev predictions file scores the same accuracy as the evaluation.
+    with open(out / "eval_predictions_sst2.tsv") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    assert rows[0] == ["index", "label", "prediction"] and len(rows) == 33
+    accuracy = sum(label == prediction for _, label, prediction in rows[1:]) / 32
+    assert accuracy == pytest.approx(results["eval_accuracy"])
+
+    # ‖ΔW‖_F per matrix, recomputed from the saved LoRA factors: ‖(alpha / r) B A‖.
+    if method in ("lora", "fw_lora", "iw_lora"):
+        norms = read_json(out / "delta_weight_norms.json")
+        weights = load_file(out / "adapter_model.safetensors")
+        assert len(norms) == 12
+        for name, norm in norms.items():
+            a, b = (weights[f"base_model.model.{name}.lora_{x}.weight"] for x in "AB")
+            assert norm == pytest.approx((16 / 4 * b @ a).norm().item(), rel=1e-5)
+    assert (out / "delta_weight_norms.json").is_file() == (method != "full")
 
 
 def test_saved_adapter_reloads_with_peft(tiny_model_dir, glue_dir, tmp_path):

@@ -1,0 +1,88 @@
+"""
+The statistics of a study, from scipy: mean ± std with a t confidence interval over seeds, paired tests across seeds
+(t-test, Wilcoxon signed-rank) and McNemar's exact test on two runs' dev predictions.
+"""
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import stats
+
+
+def summarize(values: Sequence[float], confidence: float = 0.95) -> dict:
+    """
+    Mean, sample standard deviation (ddof 1) and the Student-t confidence interval of the mean.
+
+    Returns:
+        `dict`: `n`, `mean`, `std`, `ci_low`, `ci_high` (`std` and the interval are `None` for fewer than two values;
+        the interval is the mean itself when all values are equal).
+    """
+    array = np.asarray(values, dtype=np.float64)
+    n = len(array)
+    if n == 0:
+        return {"n": 0, "mean": None, "std": None, "ci_low": None, "ci_high": None}
+    mean = float(array.mean())
+    if n < 2:
+        return {"n": 1, "mean": mean, "std": None, "ci_low": None, "ci_high": None}
+    std = float(array.std(ddof=1))
+    half_width = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "ci_low": mean - half_width, "ci_high": mean + half_width}
+
+
+def paired_tests(a: Sequence[float], b: Sequence[float]) -> dict:
+    """
+    Two-sided paired tests of `a` against `b` (one value per seed, the same seeds in the same order).
+
+    Returns:
+        `dict`: `n`, `mean_difference` (mean of `a - b`), `t_statistic` and `t_pvalue` (`scipy.stats.ttest_rel`),
+        `wilcoxon_statistic` and `wilcoxon_pvalue` (`scipy.stats.wilcoxon`, exact for small `n`; with three seeds its
+        smallest possible p-value is 0.25). A test that is undefined (fewer than two pairs; no variation in the
+        differences) has `None` values; identical results give p = 1.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"Paired tests need as many values on each side, got {len(a)} and {len(b)}.")
+    differences = a - b
+    result = {
+        "n": len(a),
+        "mean_difference": float(differences.mean()) if len(a) else None,
+        "t_statistic": None,
+        "t_pvalue": None,
+        "wilcoxon_statistic": None,
+        "wilcoxon_pvalue": None,
+    }
+    if len(a) < 2:
+        return result
+    if np.all(differences == 0):
+        result.update(t_statistic=0.0, t_pvalue=1.0, wilcoxon_statistic=0.0, wilcoxon_pvalue=1.0)
+        return result
+    if np.allclose(differences, differences[0], rtol=1e-9, atol=1e-12):
+        # No variation in the differences (up to rounding): t is ±∞ and p = 0 (JSON cannot hold the infinity).
+        result.update(t_pvalue=0.0)
+    else:
+        t_test = stats.ttest_rel(a, b)
+        result.update(t_statistic=float(t_test.statistic), t_pvalue=float(t_test.pvalue))
+    wilcoxon = stats.wilcoxon(a, b)
+    result.update(wilcoxon_statistic=float(wilcoxon.statistic), wilcoxon_pvalue=float(wilcoxon.pvalue))
+    return result
+
+
+def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
+    """
+    McNemar's exact test: do two classifiers err on different dev examples more often one way than the other?
+
+    Args:
+        correct_a, correct_b: Per example, whether each classifier's prediction is right (same examples, same order).
+
+    Returns:
+        `dict`: `n`, `a_only_correct` and `b_only_correct` (the discordant pairs) and the two-sided `pvalue` of the
+        exact binomial test of `a_only_correct` out of the discordant pairs against 1/2 (1 when there are none).
+    """
+    correct_a, correct_b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    if correct_a.shape != correct_b.shape:
+        raise ValueError(f"McNemar needs the same examples on each side, got {len(correct_a)} and {len(correct_b)}.")
+    a_only = int(np.sum(correct_a & ~correct_b))
+    b_only = int(np.sum(~correct_a & correct_b))
+    pvalue = 1.0 if a_only + b_only == 0 else float(stats.binomtest(a_only, a_only + b_only, 0.5).pvalue)
+    return {"n": len(correct_a), "a_only_correct": a_only, "b_only_correct": b_only, "pvalue": pvalue}

@@ -1,0 +1,241 @@
+"""
+Runs every cell of a study (see `fw_trainer.study_config`) with `run_glue_fw.py`, then aggregates the results.
+
+    python -m fw_trainer.sweep configs/studies/cpu_minilm.yaml [--parallel N] [--dry_run]
+
+Resumable: a run whose `metrics.json` exists is skipped; a run that stopped with checkpoints resumes from the last one;
+a run that crashed before any checkpoint starts again (its log is kept, appended to). `metrics.json` is the last file
+a run gets and is written atomically, so an interrupted sweep never leaves a half-written result. Each run's output
+goes to `<output_dir>/logs/<run>.log`; the screen shows which run, how many are left and the estimated time to go.
+"""
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import Optional
+
+from transformers.trainer_utils import get_last_checkpoint
+
+from .run_metrics import METRICS_FILE, collect_run_metrics, write_json_atomic
+from .study_config import StudyConfig, StudyConfigError, StudyRun, to_argv
+
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_dir(config: StudyConfig, run: StudyRun) -> str:
+    return os.path.join(config.output_dir, run.name)
+
+
+def log_path(config: StudyConfig, run: StudyRun) -> str:
+    return os.path.join(config.output_dir, "logs", run.name.replace("/", "__") + ".log")
+
+
+def is_finished(config: StudyConfig, run: StudyRun) -> bool:
+    return os.path.isfile(os.path.join(run_dir(config, run), METRICS_FILE))
+
+
+def run_command(config: StudyConfig, run: StudyRun) -> list[str]:
+    """The `run_glue_fw.py` command line of a run, continuing what an earlier attempt left behind."""
+    script = config.script if os.path.isfile(config.script) else os.path.join(_REPO_ROOT, config.script)
+    output_dir = run_dir(config, run)
+    argv = [sys.executable, script]
+    if config.base_config:
+        argv.append(config.base_config)
+    argv += to_argv(run.args) + ["--output_dir", output_dir]
+    finished = os.path.isfile(os.path.join(output_dir, "all_results.json"))
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not finished:
+        if get_last_checkpoint(output_dir) is None:
+            # A crash before the first checkpoint left nothing to resume from (and no result): start again.
+            argv += ["--overwrite_output_dir", "true"]
+    return argv
+
+
+def device_environments(parallel: int) -> list[dict[str, str]]:
+    """
+    The extra environment of each of `parallel` worker slots: one GPU each (`CUDA_VISIBLE_DEVICES`) when there are
+    GPUs, else an equal share of the CPU cores (`OMP_NUM_THREADS`).
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        if parallel > len(devices):
+            raise StudyConfigError(
+                f"--parallel {parallel} needs {parallel} GPUs but {len(devices)} are visible: use --parallel "
+                f"{len(devices)} or fewer (each run gets a whole GPU)."
+            )
+        return [{"CUDA_VISIBLE_DEVICES": devices[slot]} for slot in range(parallel)]
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    return [{"OMP_NUM_THREADS": str(threads)} for _ in range(parallel)]
+
+
+class Sweep:
+    """Runs the unfinished cells of a study, `parallel` at a time, and reports progress."""
+
+    def __init__(self, config: StudyConfig, parallel: int = 1, max_retries: int = 1):
+        self.config = config
+        self.parallel = parallel
+        self.max_retries = max_retries
+        self._processes: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self._durations: list[float] = []
+        self._stopping = False
+
+    def run(self) -> list[StudyRun]:
+        """Runs what is left; returns the runs that still failed after their retries."""
+        runs = self.config.runs()
+        todo = [run for run in runs if not is_finished(self.config, run)]
+        print(
+            f"Study {self.config.path}: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run "
+            f"({self.parallel} at a time). Logs: {os.path.join(self.config.output_dir, 'logs')}",
+            flush=True,
+        )
+        failed, start = [], time.time()
+        with ThreadPoolExecutor(self.parallel) as pool:
+            try:
+                failed = self._run_all(todo, pool)
+            except KeyboardInterrupt:
+                # Before the pool waits for its workers, which wait for their runs.
+                self.terminate()
+                raise
+        print(
+            f"Sweep done in {(time.time() - start) / 60:.1f} min: {len(todo) - len(failed)} ran, {len(failed)} failed."
+        )
+        return failed
+
+    def _run_all(self, todo: list[StudyRun], pool: ThreadPoolExecutor) -> list[StudyRun]:
+        slots = device_environments(self.parallel)
+        free_slots, queue, pending, failed = list(range(self.parallel)), list(todo), {}, []
+        while queue or pending:
+            while queue and free_slots:
+                run, slot = queue.pop(0), free_slots.pop(0)
+                pending[pool.submit(self._run_with_retries, run, slots[slot])] = (run, slot)
+                print(
+                    f"[{len(todo) - len(queue)}/{len(todo)}] start {run.name}  ({len(queue)} queued, "
+                    f"{self._eta(len(queue) + len(pending))})",
+                    flush=True,
+                )
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                run, slot = pending.pop(future)
+                free_slots.append(slot)
+                ok, seconds = future.result()
+                if not ok:
+                    failed.append(run)
+                status = "finished" if ok else f"FAILED (see {log_path(self.config, run)})"
+                print(f"    {run.name}: {status} in {seconds / 60:.1f} min", flush=True)
+        return failed
+
+    def _eta(self, remaining: int) -> str:
+        if not self._durations:
+            return "ETA after the first run"
+        mean = sum(self._durations) / len(self._durations)
+        return f"ETA {remaining * mean / self.parallel / 60:.0f} min"
+
+    def _run_with_retries(self, run: StudyRun, environment: dict[str, str]) -> tuple[bool, float]:
+        start = time.time()
+        for _ in range(1 + self.max_retries):
+            if self._stopping:
+                break
+            if self._run_once(run, environment):
+                seconds = time.time() - start
+                with self._lock:
+                    self._durations.append(seconds)
+                return True, seconds
+        return False, time.time() - start
+
+    def _run_once(self, run: StudyRun, environment: dict[str, str]) -> bool:
+        output_dir = run_dir(self.config, run)
+        if not os.path.isfile(os.path.join(output_dir, "all_results.json")):
+            command = run_command(self.config, run)
+            log = log_path(self.config, run)
+            os.makedirs(os.path.dirname(log), exist_ok=True)
+            with open(log, "a") as log_file:
+                log_file.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
+                log_file.flush()
+                env = {**os.environ, "PYTHONUNBUFFERED": "1", **environment}
+                process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+                with self._lock:
+                    self._processes.add(process)
+                returncode = process.wait()
+                with self._lock:
+                    self._processes.discard(process)
+            if returncode != 0:
+                return False
+        task_name = run.args.get("task_name")
+        extra = {"run": run.name, "labels": run.labels, "args": run.args}
+        write_json_atomic(os.path.join(output_dir, METRICS_FILE), collect_run_metrics(output_dir, task_name, extra))
+        return True
+
+    def terminate(self) -> None:
+        """Stops the runs in flight (they resume from their last checkpoint, or start again, next time)."""
+        self._stopping = True
+        with self._lock:
+            for process in self._processes:
+                process.terminate()
+        for process in list(self._processes):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fw_trainer.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("study", help="The study YAML file (see fw_trainer/study_config.py).")
+    parser.add_argument("--parallel", type=int, default=1, help="Runs at a time: one GPU each, or a share of CPUs.")
+    parser.add_argument("--max_retries", type=int, default=1, help="Extra attempts for a run that fails.")
+    parser.add_argument("--dry_run", action="store_true", help="Print each run's command and state; run nothing.")
+    parser.add_argument("--no_aggregate", action="store_true", help="Skip the aggregation after the sweep.")
+    args = parser.parse_args(argv)
+    try:
+        if args.parallel < 1 or args.max_retries < 0:
+            raise StudyConfigError("--parallel must be at least 1 and --max_retries at least 0.")
+        config = StudyConfig.from_yaml(args.study)
+        if args.dry_run:
+            for run in config.runs():
+                state = "finished" if is_finished(config, run) else "to run"
+                print(f"{run.name} [{state}]: {shlex.join(run_command(config, run))}")
+            return 0
+        sweep = Sweep(config, parallel=args.parallel, max_retries=args.max_retries)
+    except StudyConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    # A `kill` stops the runs in flight too, as Ctrl-C does, instead of leaving them orphaned.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        failed = sweep.run()
+    except KeyboardInterrupt:
+        print("\nInterrupted: the runs in flight were stopped; rerun the same command to continue.", file=sys.stderr)
+        return 130
+    if failed:
+        print(
+            f"error: {len(failed)} run(s) failed: {', '.join(run.name for run in failed)}. Read their logs, fix the "
+            "cause and rerun the same command: finished runs are kept.",
+            file=sys.stderr,
+        )
+        return 1
+    if not args.no_aggregate:
+        from .aggregate import aggregate_study
+
+        aggregate_study(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Aggregation of a study from fabricated run directories, checked against values computed by hand."""
+
+import json
+import math
+
+import pytest
+import yaml
+
+from fw_trainer.aggregate import aggregate_study, main
+from fw_trainer.run_metrics import METRICS_FILE, collect_run_metrics
+from fw_trainer.study_config import StudyConfig
+
+
+LABELS = [0, 1] * 5
+FINAL = {"lora": [0.80, 0.82, 0.84], "fw": [0.81, 0.85, 0.86]}
+NAMES = [f"bert.encoder.layer.{i}.{role}" for i in range(2) for role in ("attention.self.query", "output.dense")]
+
+
+def write_json(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def predictions(method: str, seed: int) -> list[int]:
+    """Dev predictions: on seed 0, FW-LoRA alone is right on examples 0-2 and LoRA alone on example 3."""
+    wrong = {("lora", 0): {0, 1, 2}, ("fw", 0): {3}}.get((method, seed), {seed})
+    return [1 - label if i in wrong else label for i, label in enumerate(LABELS)]
+
+
+def fabricate_run(run_dir, method: str, seed: int) -> None:
+    """The files `run_glue_fw.py` leaves in a finished run directory."""
+    final = FINAL[method][seed]
+    write_json(
+        run_dir / "all_results.json",
+        {"eval_accuracy": final, "train_runtime": 100.0 + 10 * seed + (5 if method == "fw" else 0),
+         "train_peak_memory_mb": 1000.0 + seed, "train_peak_memory_kind": "cpu_max_rss"},
+    )  # fmt: skip
+    history = [
+        {"step": 10, "epoch": 0.5, "loss": 0.7, "task_loss": 0.69},
+        {"step": 10, "epoch": 0.5, "eval_accuracy": 0.6},
+        {"step": 20, "epoch": 1.0, "loss": 0.5, "task_loss": 0.49},
+        {"step": 20, "epoch": 1.0, "eval_accuracy": final + 0.01},
+        {"step": 30, "epoch": 1.5, "eval_accuracy": final},
+    ]
+    write_json(run_dir / "trainer_state.json", {"log_history": history})
+    write_json(run_dir / "adapter_summary.json", {"method": method, "adapter_params": 1234, "model_type": "bert"})
+    write_json(run_dir / "delta_weight_norms.json", {name: 1.0 + i + seed for i, name in enumerate(NAMES)})
+    if method == "fw":
+        modules = {name: {"importance": (i + 1) / 10} for i, name in enumerate(NAMES)}
+        write_json(run_dir / "fw_importance.json", {"frozen": True, "modules": modules})
+    rows = [f"{i}\t{label}\t{pred}" for i, (label, pred) in enumerate(zip(LABELS, predictions(method, seed)))]
+    (run_dir / "eval_predictions_sst2.tsv").write_text("index\tlabel\tprediction\n" + "\n".join(rows) + "\n")
+
+
+@pytest.fixture
+def study(tmp_path):
+    spec = {
+        "output_dir": str(tmp_path / "out"),
+        "results_dir": str(tmp_path / "results"),
+        "args": {"task_name": "sst2"},
+        "axes": {"method": {"lora": {"method": "lora"}, "fw": {"method": "fw_lora"}}, "seed": [0, 1, 2]},
+        "comparisons": {"axis": "method", "pairs": [["fw", "lora"]]},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    config = StudyConfig.from_yaml(str(path))
+    for run in config.runs():
+        run_dir = tmp_path / "out" / run.name
+        fabricate_run(run_dir, run.labels["method"], int(run.labels["seed"]))
+        extra = {"run": run.name, "labels": run.labels, "args": run.args}
+        write_json(run_dir / METRICS_FILE, collect_run_metrics(str(run_dir), "sst2", extra))
+    return config
+
+
+def test_run_metrics_from_a_run_directory(study, tmp_path):
+    metrics = json.loads((tmp_path / "out" / "fw" / "seed1" / METRICS_FILE).read_text())
+    assert metrics["metric_name"] == "accuracy"
+    assert metrics["final_metric"] == 0.85 and metrics["best_metric"] == pytest.approx(0.86)
+    assert metrics["best_step"] == 20
+    assert [e["loss"] for e in metrics["train_loss_history"]] == [0.69, 0.49]  # the task loss, not loss + penalty
+    assert metrics["importances"][NAMES[3]] == pytest.approx(0.4)
+    assert metrics["eval_predictions"] == ["eval_predictions_sst2.tsv"]
+
+
+def test_aggregated_metrics_and_significance_by_hand(study, tmp_path):
+    written = aggregate_study(study)
+    results = tmp_path / "results"
+    groups = {g["name"]: g for g in json.loads((results / "aggregated_metrics.json").read_text())["groups"]}
+    assert set(groups) == {"lora", "fw"}
+    lora = groups["lora"]
+    assert lora["seeds"] == ["0", "1", "2"] and lora["final"] == FINAL["lora"]
+    assert lora["final_metric"]["mean"] == pytest.approx(0.82)
+    assert lora["final_metric"]["std"] == pytest.approx(0.02)
+    half_width = 4.302653 * 0.02 / math.sqrt(3)  # t_{0.975, 2}
+    assert lora["final_metric"]["ci_low"] == pytest.approx(0.82 - half_width, rel=1e-5)
+    assert groups["fw"]["best_metric"]["mean"] == pytest.approx((0.82 + 0.86 + 0.87) / 3)
+    assert groups["fw"]["train_runtime"]["mean"] == pytest.approx(115.0)
+
+    (test,) = json.loads((results / "significance_tests.json").read_text())["tests"]
+    assert (test["a"], test["b"], test["seeds"]) == ("fw", "lora", ["0", "1", "2"])
+    # Differences 0.01, 0.03, 0.02: mean 0.02, sd 0.01, t = 0.02 / (0.01 / √3); with 2 degrees of freedom the
+    # two-sided p is 1 − t / √(2 + t²).
+    t = 0.02 / (0.01 / math.sqrt(3))
+    assert test["mean_difference"] == pytest.approx(0.02)
+    assert test["t_statistic"] == pytest.approx(t)
+    assert test["t_pvalue"] == pytest.approx(1 - t / math.sqrt(2 + t * t))
+    assert test["wilcoxon_pvalue"] == pytest.approx(0.25)
+    seed0, seed1, _ = test["mcnemar"]
+    assert (seed0["a_only_correct"], seed0["b_only_correct"]) == (3, 1)
+    assert seed0["pvalue"] == pytest.approx(2 * (1 + 4) / 16)  # 2 · P(X ≤ 1), X ~ Binomial(4, 1/2)
+    assert (seed1["a_only_correct"], seed1["b_only_correct"], seed1["pvalue"]) == (0, 0, 1.0)  # same mistakes
+
+    table = (results / "results.md").read_text()
+    assert "| lora | accuracy | 3 | 0.8200 ± 0.0200 |" in table
+    assert "| fw vs lora | accuracy | +0.0200 |" in table
+
+    # Figures: per run (curves, confusion matrix) and per study, PNG and PDF, none empty.
+    names = {path.split("/results/")[1] for path in written["figures"]}
+    for stem in ("figures/dev_metric", "figures/train_time", "figures/importance_heatmap_all",
+                 "figures/delta_weight_norms_all", "runs/fw/seed0/curves", "runs/lora/seed2/confusion_matrix"):  # fmt: skip
+        assert {f"{stem}.png", f"{stem}.pdf"} <= names
+    for path in written["figures"]:
+        with open(path, "rb") as f:
+            assert len(f.read()) > 1000
+    assert (results / "runs" / "fw" / "seed0" / METRICS_FILE).is_file()
+
+
+def test_partial_study_is_marked_and_an_empty_one_is_an_error(study, tmp_path, capsys):
+    (tmp_path / "out" / "fw" / "seed2" / METRICS_FILE).unlink()
+    aggregate_study(study, figures=False)
+    assert (tmp_path / "results" / "results.md").read_text().startswith("**Partial: 5 of 6 runs finished.**")
+    (test,) = json.loads((tmp_path / "results" / "significance_tests.json").read_text())["tests"]
+    assert test["seeds"] == ["0", "1"]  # paired over the seeds both sides finished
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "none"), "results_dir": "r", "axes": {"seed": [0]}}))
+    assert main([str(empty)]) == 2
+    assert "No finished run" in capsys.readouterr().err

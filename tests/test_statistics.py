@@ -1,0 +1,68 @@
+"""The study statistics against values computed by hand (t quantiles and binomial sums from tables)."""
+
+import math
+
+import pytest
+
+from fw_trainer.statistics import mcnemar, paired_tests, summarize
+
+
+def test_summary_mean_std_and_t_interval():
+    summary = summarize([0.80, 0.83, 0.86])
+    # mean 0.83; std = sqrt((0.03² + 0 + 0.03²) / 2) = 0.03; t_{0.975, 2} = 4.302653
+    half_width = 4.302653 * 0.03 / math.sqrt(3)
+    assert summary["n"] == 3
+    assert summary["mean"] == pytest.approx(0.83)
+    assert summary["std"] == pytest.approx(0.03)
+    assert summary["ci_low"] == pytest.approx(0.83 - half_width, rel=1e-6)
+    assert summary["ci_high"] == pytest.approx(0.83 + half_width, rel=1e-6)
+
+
+def test_summary_of_one_and_of_none():
+    assert summarize([0.5]) == {"n": 1, "mean": 0.5, "std": None, "ci_low": None, "ci_high": None}
+    assert summarize([])["mean"] is None
+
+
+def test_paired_t_test_and_wilcoxon_by_hand():
+    a, b = [0.85, 0.86, 0.84, 0.88], [0.84, 0.83, 0.84, 0.85]
+    result = paired_tests(a, b)
+    differences = [0.01, 0.03, 0.00, 0.03]
+    mean = sum(differences) / 4
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / 3)
+    t = mean / (sd / 2)
+    assert result["mean_difference"] == pytest.approx(mean)
+    assert result["t_statistic"] == pytest.approx(t)
+    # Student's t with 3 degrees of freedom has a closed-form CDF: two-sided p = 1 − (2/π)(x / (1 + x²) + atan x),
+    # x = t / √3.
+    x = t / math.sqrt(3)
+    assert result["t_pvalue"] == pytest.approx(1 - 2 / math.pi * (x / (1 + x * x) + math.atan(x)), rel=1e-9)
+    # Wilcoxon drops the zero difference; the ranks of 0.01, 0.03, 0.03 are 1, 2.5, 2.5, all positive: W- = 0.
+    assert result["wilcoxon_statistic"] == 0.0
+    assert result["wilcoxon_pvalue"] == pytest.approx(0.25)  # the smallest two-sided p with three non-zero pairs
+
+
+def test_wilcoxon_exact_p_with_six_seeds():
+    # All six differences positive and distinct: the exact two-sided p is 2 / 2^6.
+    result = paired_tests([1, 2, 3, 4, 5, 6], [0.9, 1.7, 2.6, 3.5, 4.4, 5.3])
+    assert result["wilcoxon_pvalue"] == pytest.approx(2 / 64)
+
+
+def test_identical_and_constant_differences():
+    same = paired_tests([0.8, 0.9], [0.8, 0.9])
+    assert same["t_pvalue"] == 1.0 and same["wilcoxon_pvalue"] == 1.0 and same["mean_difference"] == 0.0
+    shifted = paired_tests([0.8, 0.9, 0.7], [0.7, 0.8, 0.6])
+    assert shifted["t_statistic"] is None and shifted["t_pvalue"] == 0.0
+    assert paired_tests([0.8], [0.7])["t_pvalue"] is None
+    with pytest.raises(ValueError, match="as many values"):
+        paired_tests([1, 2], [1])
+
+
+def test_mcnemar_exact_binomial_by_hand():
+    # 8 examples only A gets right, 2 only B, 5 both right, 3 both wrong.
+    correct_a = [1] * 8 + [0] * 2 + [1] * 5 + [0] * 3
+    correct_b = [0] * 8 + [1] * 2 + [1] * 5 + [0] * 3
+    result = mcnemar(correct_a, correct_b)
+    assert (result["n"], result["a_only_correct"], result["b_only_correct"]) == (18, 8, 2)
+    # P = 2 · P(X ≤ 2), X ~ Binomial(10, 1/2) = 2 · (1 + 10 + 45) / 1024
+    assert result["pvalue"] == pytest.approx(2 * 56 / 1024)
+    assert mcnemar([1, 0, 1], [1, 0, 1])["pvalue"] == 1.0
