@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any, Optional
@@ -108,6 +109,10 @@ class FisherWarmupCallback(TrainerCallback):
         self.sketch_probes = sketch_probes
         self._probe_seed = 0
         self._generator: Optional[torch.Generator] = None
+        # Sketch: this micro-batch's probes per input width, and the last input sketched (query, key and value read
+        # the same tensor: it is sketched once).
+        self._probes: dict[int, torch.Tensor] = {}
+        self._last_sketch: Optional[tuple[weakref.ref, torch.Tensor]] = None
         self.calibration_backward = calibration_backward
         self.adapter_name = adapter_name
 
@@ -174,20 +179,38 @@ class FisherWarmupCallback(TrainerCallback):
         self._handles = []
         self._pending = [None] * len(self.matrices)
         self._loss_grad = None
+        self._probes, self._last_sketch = {}, None
 
     def _forward_hook(self, index: int, module: nn.Module, args: tuple, output: Any) -> None:
         # Under `no_grad` (evaluation, the first pass of reentrant gradient checkpointing) there is nothing to measure.
         if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
             return
-        inputs = args[0].detach().reshape(-1, args[0].shape[-1])
         if self.estimator == "sketch":
             # Only X Z (N × k) waits for the backward pass, not X.
-            with torch.no_grad():
-                probes = torch.randn(
-                    inputs.shape[-1], self.sketch_probes, device=inputs.device, generator=self._probe_generator(inputs)
-                )
-                inputs = inputs.float() @ probes
+            inputs = self._sketch(args[0])
+        else:
+            inputs = args[0].detach().reshape(-1, args[0].shape[-1])
         output.register_hook(partial(self._output_grad_hook, index, inputs))
+
+    @torch.no_grad()
+    def _sketch(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        `X Z` for an adapted layer's input `X`. The probes `Z` are drawn once per micro-batch and input width, and a
+        tensor fed to several layers in a row (query, key, value) is sketched once: fewer kernels, and common random
+        numbers across matrices. Each matrix's estimate is still unbiased, with the same variance as with probes of
+        its own.
+        """
+        if self._last_sketch is not None and self._last_sketch[0]() is x:
+            return self._last_sketch[1]
+        width = x.shape[-1]
+        probes = self._probes.get(width)
+        if probes is None:
+            generator = self._probe_generator(x)
+            probes = torch.randn(width, self.sketch_probes, device=x.device, generator=generator)
+            self._probes[width] = probes
+        sketch = x.detach().reshape(-1, width).float() @ probes
+        self._last_sketch = (weakref.ref(x), sketch)
+        return sketch
 
     def _probe_generator(self, like: torch.Tensor) -> torch.Generator:
         if self._generator is None or self._generator.device != like.device:
@@ -225,6 +248,7 @@ class FisherWarmupCallback(TrainerCallback):
     @torch.no_grad()
     def _fold_micro_batch(self) -> None:
         """Adds the finished micro-batch's statistic to the step's sum, unless it is not finite."""
+        self._probes, self._last_sketch = {}, None  # the next micro-batch draws new probes
         if self._loss_grad is None:  # no backward ran since the last fold
             return
         zero = self._step_sum.new_zeros(())

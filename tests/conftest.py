@@ -22,12 +22,12 @@ VOCAB = 50
 PAD_ID = 1
 
 
-def tiny_roberta(seed: int = 0, num_labels: int = 2) -> RobertaForSequenceClassification:
+def tiny_roberta(seed: int = 0, num_labels: int = 2, num_hidden_layers: int = 2) -> RobertaForSequenceClassification:
     torch.manual_seed(seed)
     config = RobertaConfig(
         vocab_size=VOCAB,
         hidden_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         intermediate_size=48,
         max_position_embeddings=SEQ_LEN + 4,

@@ -1,10 +1,13 @@
 """`FisherWeightedPenalty` against a brute-force sum over materialised `ΔW = get_delta_weight`."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import lora_model
+from conftest import lora_model, tiny_roberta
 
-from fw_trainer import FisherWeightedPenalty, find_adapted_matrices
+from fw_trainer import FisherWeightedPenalty, FWLoraArguments, build_peft_model, find_adapted_matrices
 
 
 def randomized_matrices(**fw_kwargs):
@@ -78,3 +81,20 @@ def test_mismatched_weights_are_rejected():
         FisherWeightedPenalty(matrices, weights[:-1])
     with pytest.raises(ValueError, match="`penalty` should be"):
         FisherWeightedPenalty(matrices, weights, "l1")
+
+
+def test_own_operator_count_does_not_grow_with_the_number_of_matrices():
+    """The benchmark's profiler count: doubling the layers doubles the matrices, not the penalty's own kernels."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from overhead import count_penalty_ops
+
+    counts = {}
+    for layers in (2, 4):
+        model = build_peft_model(tiny_roberta(num_hidden_layers=layers), FWLoraArguments(method="fw_lora"))[0]
+        counts[layers] = count_penalty_ops(model)
+    small, large = counts[2], counts[4]
+    assert (small["matrices"], large["matrices"]) == (12, 24)
+    assert small["groups"] == large["groups"] == 3
+    assert small["grouped"]["own"] == large["grouped"]["own"]
+    assert large["grouped"]["gradient_accumulation"] == 48  # one per LoRA parameter, as for any implementation
+    assert large["per_matrix_loop"]["own"] > 2 * small["per_matrix_loop"]["own"] - 10  # the loop grows with M

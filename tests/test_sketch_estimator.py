@@ -59,3 +59,43 @@ def test_sketched_importances_rank_like_the_exact_ones(tmp_path):
         importances[estimator] = trainer.fisher_callback.importances
     correlation = spearmanr(importances["exact"].numpy(), importances["sketch"].numpy()).statistic
     assert correlation >= 0.9, correlation
+
+
+def test_one_sketch_reproduced_by_hand():
+    """`‖(X Z)ᵀ G‖² / k` per matrix, with X and G from plain autograd and Z drawn as documented: once per micro-batch
+    and input width (32, then 48 for the FFN output), from a generator seeded with the training seed."""
+    dataset = TokenDataset(size=8)
+    model, _ = lora_model()
+    batch = rows(dataset, 0, 8)
+    callback = FisherWarmupCallback(warmup_steps=1, estimator="sketch", sketch_probes=4, average="mean")
+    callback._probe_seed = 123
+    callback._setup(model)
+    callback._install_hooks()
+    model.train()
+    loss = model(**batch).loss
+    assert sorted(callback._probes) == [32, 48]  # two draws for 12 matrices
+    callback.scale_probe(loss).backward()
+    callback._fold_micro_batch()
+    callback._end_optimizer_step()
+    callback._remove_hooks()
+    model.zero_grad(set_to_none=True)
+
+    captured = []
+
+    def keep(module, args, output):
+        output.retain_grad()
+        captured.append((args[0].detach().reshape(-1, args[0].shape[-1]), output))
+
+    handles = [matrix.layer.register_forward_hook(keep) for matrix in callback.matrices]
+    model(**batch).loss.backward()
+    for handle in handles:
+        handle.remove()
+    generator = torch.Generator().manual_seed(123)
+    probes = {32: torch.randn(32, 4, generator=generator), 48: torch.randn(48, 4, generator=generator)}
+    expected = torch.stack(
+        [
+            ((x @ probes[x.shape[1]]).t() @ out.grad.reshape(-1, out.shape[-1])).square().sum() / 4
+            for x, out in captured
+        ]
+    )
+    torch.testing.assert_close(callback._running, expected, rtol=1e-5, atol=0)
