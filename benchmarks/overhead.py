@@ -12,10 +12,10 @@ Methods: `lora`, `fw_lora_warmup` (FW-LoRA while its Fisher hooks run, exact est
 same with the sketched estimator, 8 probes), `fw_lora` (after the warm-up, penalty on),
 `adalora` and `full`. Every round trains each method for `--steps` optimizer steps (a fresh `Trainer.train()` on the
 same model, the first step of each call not timed) in turn, so drifts of a shared machine hit all methods alike. The
-table gives the median step time over all rounds and its ratio to `lora`, and each method's peak memory: on CUDA the
-peak of allocated tensor memory during its steps (`torch.cuda.max_memory_allocated`), on CPU the peak resident set
-size of a fresh process that builds the model and trains `--steps` steps with that method alone (CPU allocations
-cannot be told apart per method within one process).
+table gives the median step time over all rounds (after `--warmup_rounds` untimed ones) and its ratio to `lora`, and
+each method's peak memory: on CUDA the peak of allocated tensor memory during its steps
+(`torch.cuda.max_memory_allocated`), on CPU the peak resident set size of a fresh process that builds the model and
+trains `--steps` steps with that method alone (CPU allocations cannot be told apart per method within one process).
 
 `--whole_run` times `Trainer.train()` end to end instead, warm-up included, for `lora`, `fw_lora` (exact estimator),
 `fw_lora_sketch` and `adalora`, one whole run per method and round. `--config_overrides hidden_size=128,...` shrinks
@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -168,6 +167,12 @@ def make_trainer(model, fw_args, dataset, args, max_steps: int, callbacks=None) 
     return FWLoraTrainer(model=model, args=training_args, train_dataset=dataset, fw_args=fw_args, callbacks=callbacks)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (`VmHWM`: unlike `ru_maxrss`, it does not inherit the parent's peak)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 def peak_rss_mb_of(method: str, args) -> float:
     """Peak resident memory of a fresh process that trains `args.steps + 1` steps of `method` alone."""
     command = [sys.executable, os.path.abspath(__file__), "--_peak_rss_of", method, "--steps", str(args.steps)]
@@ -177,6 +182,23 @@ def peak_rss_mb_of(method: str, args) -> float:
     command += ["--bf16"] if args.bf16 else []
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def memory_benchmark(args) -> dict:
+    """CPU: the peak resident memory of a fresh process per method, without the step timing."""
+    peak_memory = {method: peak_rss_mb_of(method, args) for method in args.methods or METHODS}
+    print(f"\n{'method':<22} {'peak MB':>10} {'x lora':>8}")
+    for method, memory in peak_memory.items():
+        ratio = f"{memory / peak_memory['lora']:8.3f}" if peak_memory.get("lora") else "     n/a"
+        print(f"{method:<22} {memory:10.0f} {ratio}")
+    return {
+        "mode": "memory",
+        "peak_memory_mb": peak_memory,
+        "peak_memory_kind": "process_peak_rss",
+        "peak_memory_ratio_to_lora": (
+            {m: v / peak_memory["lora"] for m, v in peak_memory.items()} if peak_memory.get("lora") else None
+        ),
+    }
 
 
 def step_benchmark(args) -> dict:
@@ -189,6 +211,10 @@ def step_benchmark(args) -> dict:
     vocab_size = next(iter(runs.values()))[0].config.vocab_size
     dataset = RandomTokens(args.batch_size * (args.steps + 1), args.seq_len, vocab_size)
     peak_memory = dict.fromkeys(runs, 0.0)
+    for _ in range(args.warmup_rounds):
+        # Untimed: the first steps of a fresh model in a process are slow (allocator growth, lazy initialisation).
+        for model, fw_args, _ in runs.values():
+            make_trainer(model, fw_args, dataset, args, 2).train()
     for round_index in range(args.rounds):
         for method, (model, fw_args, timer) in runs.items():
             if device.type == "cuda":
@@ -264,6 +290,7 @@ def main():
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup_rounds", type=int, default=1, help="Untimed rounds of 2 steps per method first.")
     parser.add_argument("--steps", type=int, default=5, help="Timed optimizer steps per method and round.")
     parser.add_argument(
         "--methods", nargs="+", default=None, choices=sorted({*METHODS, *WHOLE_RUN_METHODS}), help="Default: all."
@@ -271,6 +298,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--no_memory", action="store_true", help="CPU: skip the per-method peak-memory processes.")
+    parser.add_argument("--memory_only", action="store_true", help="CPU: only the per-method peak-memory processes.")
     parser.add_argument("--whole_run", action="store_true", help="Time whole training runs instead of steps.")
     parser.add_argument("--run_steps", type=int, default=6315, help="Whole run: optimizer steps (3 SST-2 epochs).")
     parser.add_argument("--run_warmup_steps", type=int, default=500, help="Whole run: FW-LoRA's K.")
@@ -293,9 +321,12 @@ def main():
             model, _ = build_peft_model(build_model(args.model, args.config_overrides), fw_args)
             dataset = RandomTokens(args.batch_size * (args.steps + 1), args.seq_len, model.config.vocab_size)
             make_trainer(model, fw_args, dataset, args, args.steps + 1).train()
-            print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+            print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
             return
-        figures = whole_run_benchmark(args) if args.whole_run else step_benchmark(args)
+        if args.memory_only:
+            figures = memory_benchmark(args)
+        else:
+            figures = whole_run_benchmark(args) if args.whole_run else step_benchmark(args)
     figures = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "threads": torch.get_num_threads(),

@@ -196,7 +196,8 @@ def _mean_over_seeds(members: list[dict], field: str) -> Optional[dict[str, floa
 
 def study_figures(runs: list[dict], groups: list[dict], config: StudyConfig, figures_dir: str) -> list[str]:
     """The study's figures: dev metric and train time bars, importance and `‖ΔW‖_F` heatmaps (means over seeds)."""
-    axis = config.comparison_axis or list(config.axes)[-2 if SEED_AXIS in config.axes else -1]
+    # Bars and panels compare along the study's comparison axis (else its last axis but the seed's).
+    axis = config.comparison_axis or ([a for a in config.axes if a != SEED_AXIS] or [SEED_AXIS])[-1]
     paths = []
     # One panel per value of the other axes (e.g. the task), one bar per label of the compared axis (the method).
     panels, runtime_panels = defaultdict(dict), defaultdict(dict)
