@@ -184,6 +184,11 @@ def peak_rss_mb_of(method: str, args) -> float:
     return json.loads(output.strip().splitlines()[-1])["peak_rss_mb"]
 
 
+def ratios_to_lora(values: dict[str, float]) -> dict[str, float] | None:
+    """Each method's figure divided by `lora`'s (`None` when `lora` was not measured)."""
+    return {method: value / values["lora"] for method, value in values.items()} if values.get("lora") else None
+
+
 def memory_benchmark(args) -> dict:
     """CPU: the peak resident memory of a fresh process per method, without the step timing."""
     peak_memory = {method: peak_rss_mb_of(method, args) for method in args.methods or METHODS}
@@ -195,9 +200,7 @@ def memory_benchmark(args) -> dict:
         "mode": "memory",
         "peak_memory_mb": peak_memory,
         "peak_memory_kind": "process_peak_rss",
-        "peak_memory_ratio_to_lora": (
-            {m: v / peak_memory["lora"] for m, v in peak_memory.items()} if peak_memory.get("lora") else None
-        ),
+        "peak_memory_ratio_to_lora": ratios_to_lora(peak_memory),
     }
 
 
@@ -239,12 +242,10 @@ def step_benchmark(args) -> dict:
     return {
         "mode": "steps",
         "median_step_s": medians,
-        "ratio_to_lora": {m: v / reference for m, v in medians.items()} if reference else None,
+        "ratio_to_lora": ratios_to_lora(medians),
         "peak_memory_mb": peak_memory,
         "peak_memory_kind": memory_kind,
-        "peak_memory_ratio_to_lora": (
-            {m: v / peak_memory["lora"] for m, v in peak_memory.items()} if peak_memory.get("lora") else None
-        ),
+        "peak_memory_ratio_to_lora": ratios_to_lora(peak_memory),
         "step_times_s": {method: timer.times for method, (_, _, timer) in runs.items()},
     }
 
@@ -276,7 +277,7 @@ def whole_run_benchmark(args) -> dict:
     return {
         "mode": "whole_run",
         "median_run_s": medians,
-        "ratio_to_lora": {m: v / reference for m, v in medians.items()} if reference else None,
+        "ratio_to_lora": ratios_to_lora(medians),
         "run_times_s": times,
     }
 
