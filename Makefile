@@ -1,5 +1,5 @@
 # Environment, tests and lint for fw-lora. `make quickstart` and `make test` work on a fresh machine.
-.PHONY: env quickstart test test-slow quality style clean
+.PHONY: env quickstart test test-slow quality style benchmark clean
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -44,6 +44,20 @@ test: env
 
 test-slow: env
 	$(PY) -m pytest -m slow
+
+# Every figure of benchmarks/README.md, into benchmarks/results/ (CPU: about 30 min on 2 cores; a GPU box adds
+# BENCH_ARGS="--device cuda --bf16"; there the step benchmark reports CUDA peak memory per method itself). See
+# benchmarks/README.md for what each command measures.
+BENCH_ARGS ?=
+TINY := hidden_size=64,num_hidden_layers=2,num_attention_heads=4,intermediate_size=256,vocab_size=1000
+benchmark: env
+	mkdir -p benchmarks/results
+	$(PY) benchmarks/overhead.py --rounds 3 --steps 3 --no_memory $(BENCH_ARGS) --output benchmarks/results/steps.json
+	$(PY) benchmarks/overhead.py --memory_only --steps 1 --methods lora fw_lora_warmup fw_lora_warmup_sketch fw_lora \
+		adalora $(BENCH_ARGS) --output benchmarks/results/memory.json
+	$(PY) benchmarks/overhead.py --whole_run --rounds 1 --batch_size 8 --seq_len 32 --config_overrides $(TINY) \
+		$(BENCH_ARGS) --output benchmarks/results/whole_run_tiny.json
+	$(PY) benchmarks/overhead.py --penalty_ops --output benchmarks/results/penalty_ops.json
 
 quality: env
 	$(PY) -m ruff check .
