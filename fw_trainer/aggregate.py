@@ -87,16 +87,22 @@ def aggregate_groups(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def _correct(run: dict) -> Optional[np.ndarray]:
-    """Per dev example, whether the run's final prediction is right (classification only)."""
+def load_eval_predictions(run: dict) -> Optional[np.ndarray]:
+    """The run's dev predictions as rows of (index, label, prediction): the task's own file (for MNLI the matched
+    one), else the first; `None` for a regression (STS-B) or a run without predictions."""
     if GLUE_LABEL_NAMES.get(run["task_name"], ()) is None:  # STS-B: a regression, no right or wrong
         return None
     preferred = f"eval_predictions_{run['task_name']}.tsv"
     files = [preferred] if preferred in run["eval_predictions"] else run["eval_predictions"][:1]
     if not files:
         return None
-    table = np.loadtxt(os.path.join(run["run_dir"], files[0]), delimiter="\t", skiprows=1, ndmin=2)
-    return table[:, 1] == table[:, 2]
+    return np.loadtxt(os.path.join(run["run_dir"], files[0]), delimiter="\t", skiprows=1, ndmin=2)
+
+
+def _correct(run: dict) -> Optional[np.ndarray]:
+    """Per dev example, whether the run's final prediction is right (classification only)."""
+    table = load_eval_predictions(run)
+    return None if table is None else table[:, 1] == table[:, 2]
 
 
 def significance_tests(runs: list[dict], config: StudyConfig) -> list[dict]:
@@ -241,9 +247,8 @@ def run_figures(metrics: dict, out_dir: str) -> list[str]:
     warmup = metrics["args"].get("fw_warmup_steps") if metrics.get("importances") else None
     paths = save_figure(training_curves_figure(metrics, metrics["run"], warmup), os.path.join(out_dir, "curves"))
     names = GLUE_LABEL_NAMES.get(metrics["task_name"])
-    files = [f for f in metrics["eval_predictions"] if f == f"eval_predictions_{metrics['task_name']}.tsv"]
-    if names and files:
-        table = np.loadtxt(os.path.join(metrics["run_dir"], files[0]), delimiter="\t", skiprows=1, ndmin=2)
+    table = load_eval_predictions(metrics) if names else None
+    if table is not None:
         figure = confusion_matrix_figure(table[:, 1].astype(int), table[:, 2].astype(int), names, metrics["run"])
         paths += save_figure(figure, os.path.join(out_dir, "confusion_matrix"))
     return paths
