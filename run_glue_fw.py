@@ -6,8 +6,8 @@ A mirror of transformers' `examples/pytorch/text-classification/run_glue.py`: th
 `TrainingArguments` flag, the same outputs (`train_results.json`, `eval_results.json`, `all_results.json`,
 `trainer_state.json`, `predict_results_{task}.txt`, a model card), plus the method's arguments (`FWLoraArguments`).
 
-    # the quick start on a CPU: the embedded all-MiniLM-L6-v2, SST-2 from GLUE_DIR
-    GLUE_DIR=../shared/glue python run_glue_fw.py configs/quickstart_cpu.yaml
+    # the quick start on a CPU: the embedded all-MiniLM-L6-v2, SST-2 from GLUE_DIR (else the Hub)
+    GLUE_DIR=/path/to/glue python run_glue_fw.py configs/quickstart_cpu.yaml
     # one run of the study on a GPU
     python run_glue_fw.py configs/sst2_fw_lora_0.2.yaml
     python run_glue_fw.py --model_name_or_path roberta-base --task_name sst2 --method fw_lora --bf16 \\
@@ -362,10 +362,19 @@ def load_raw_datasets(model_args: ModelArguments, data_args: DataTrainingArgumen
     return raw_datasets
 
 
-def peak_memory_mb() -> tuple[float, str]:
-    """Peak memory of this process: CUDA allocated memory on a GPU, else the resident set size."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_memory_allocated"
+def reset_peak_memory(device: torch.device) -> None:
+    """Starts a new peak-memory measurement on the device the run trains on (CUDA keeps its own peak counter)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """
+    Peak memory of the device the run trains on: CUDA's peak allocation when it trains on a GPU, else the process's
+    peak resident set size (also on a machine that has a GPU but trains with `--use_cpu`).
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
 
 
@@ -385,6 +394,11 @@ def run(argv: list[str]) -> None:
         raise UsageError(
             "--hpo_trials scores each trial by its last evaluation during training: pass --do_train and an "
             "--eval_strategy (steps or epoch)."
+        )
+    if training_args.fp16 and training_args.device.type == "cpu":
+        raise UsageError(
+            "--fp16 needs a GPU: on the CPU accelerate would silently train in fp32. Use --bf16 for mixed precision on "
+            "the CPU, or drop --fp16."
         )
     if "report_to" not in given and is_tensorboard_available():
         training_args.report_to = ["tensorboard"]
@@ -637,12 +651,11 @@ def run(argv: list[str]) -> None:
     # Training
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint or last_checkpoint
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        reset_peak_memory(training_args.device)
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         metrics = train_result.metrics
         metrics["train_samples"] = len(train_dataset)
-        metrics["train_peak_memory_mb"], metrics["train_peak_memory_kind"] = peak_memory_mb()
+        metrics["train_peak_memory_mb"], metrics["train_peak_memory_kind"] = peak_memory_mb(training_args.device)
         metrics["adapter_params"] = summary.adapter_params
         metrics["adapter_percent"] = summary.adapter_percent
 

@@ -119,7 +119,7 @@ def count_penalty_ops(model) -> dict:
     (`AccumulateGrad`: one per parameter, whatever the penalty's implementation) and views (`aten::select`, no kernel).
     """
     matrices = find_adapted_matrices(model)
-    weights = torch.rand(len(matrices))
+    weights = torch.rand(len(matrices), device=matrices[0].lora_A.device)
     grouped = FisherWeightedPenalty(matrices, weights)
 
     def looped():

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .adapted_matrices import AdaptedMatrix, find_adapted_matrices
+from .autocast import autocast_disabled
 from .importance import bias_corrected, ema_update, normalize_importances, running_mean_update
 
 
@@ -159,12 +160,13 @@ class FisherWarmupCallback(TrainerCallback):
                 "FW-LoRA found no weight matrix carrying a LoRA adapter in the model. Wrap the model with "
                 "`peft.get_peft_model(model, LoraConfig(...))` (or `fw_trainer.build_peft_model`) before training."
             )
-        device = self.matrices[0].lora_A.device
+        # The statistics live in fp32 on the adapters' device, whatever the default dtype or device.
+        like = {"device": self.matrices[0].lora_A.device, "dtype": torch.float32}
         num_matrices = len(self.matrices)
-        self._running = torch.zeros(num_matrices, device=device)
-        self._num_updates = torch.zeros((), device=device)
-        self._step_sum = torch.zeros(num_matrices, device=device)
-        self._step_count = torch.zeros((), device=device)
+        self._running = torch.zeros(num_matrices, **like)
+        self._num_updates = torch.zeros((), **like)
+        self._step_sum = torch.zeros(num_matrices, **like)
+        self._step_count = torch.zeros((), **like)
         self._pending = [None] * num_matrices
 
     # ----- hooks ------------------------------------------------------------------------------------------------
@@ -195,10 +197,13 @@ class FisherWarmupCallback(TrainerCallback):
     @torch.no_grad()
     def _sketch(self, x: torch.Tensor) -> torch.Tensor:
         """
-        `X Z` for an adapted layer's input `X`. The probes `Z` are drawn once per micro-batch and input width, and a
-        tensor fed to several layers in a row (query, key, value) is sketched once: fewer kernels, and common random
-        numbers across matrices. Each matrix's estimate is still unbiased, with the same variance as with probes of
-        its own.
+        `X Z` in fp32 for an adapted layer's input `X`. The probes `Z` are drawn once per micro-batch and input width,
+        and a tensor fed to several layers in a row (query, key, value) is sketched once: fewer kernels, and common
+        random numbers across matrices. Each matrix's estimate is still unbiased, with the same variance as with probes
+        of its own.
+
+        This runs in the forward hook, i.e. inside the model's autocast context, which would turn the product into
+        bf16/fp16 and later meet the fp32 output gradient: autocast is switched off here.
         """
         if self._last_sketch is not None and self._last_sketch[0]() is x:
             return self._last_sketch[1]
@@ -206,9 +211,10 @@ class FisherWarmupCallback(TrainerCallback):
         probes = self._probes.get(width)
         if probes is None:
             generator = self._probe_generator(x)
-            probes = torch.randn(width, self.sketch_probes, device=x.device, generator=generator)
+            probes = torch.randn(width, self.sketch_probes, device=x.device, dtype=torch.float32, generator=generator)
             self._probes[width] = probes
-        sketch = x.detach().reshape(-1, width).float() @ probes
+        with autocast_disabled(x.device):
+            sketch = torch.mm(x.detach().reshape(-1, width).float(), probes)
         self._last_sketch = (weakref.ref(x), sketch)
         return sketch
 
@@ -224,13 +230,15 @@ class FisherWarmupCallback(TrainerCallback):
                 "FisherWarmupCallback saw a backward pass that did not start from `FWLoraTrainer.compute_loss`. "
                 "Train with `fw_trainer.FWLoraTrainer` (it routes the loss through `scale_probe`)."
             )
+        # fp32 whatever the activations' dtype, and whether or not `backward()` was called under autocast.
         grad = output_grad.reshape(-1, output_grad.shape[-1]).float()
-        if self.estimator == "sketch":
-            # E‖Gᵀ X z‖² = ‖Gᵀ X‖_F² for z ~ N(0, I); (X Z)ᵀ G (k × d_out) avoids transposing the large G.
-            value = torch.mm(inputs.t(), grad).square().sum() / self.sketch_probes
-        else:
-            # ∇W = Gᵀ X for y = X Wᵀ: one GEMM, the (d_out × d_in) result is dropped at once.
-            value = torch.mm(grad.t(), inputs.float()).square().sum()
+        with autocast_disabled(grad.device):
+            if self.estimator == "sketch":
+                # E‖Gᵀ X z‖² = ‖Gᵀ X‖_F² for z ~ N(0, I); (X Z)ᵀ G (k × d_out) avoids transposing the large G.
+                value = torch.mm(inputs.t(), grad).square().sum() / self.sketch_probes
+            else:
+                # ∇W = Gᵀ X for y = X Wᵀ: one GEMM, the (d_out × d_in) result is dropped at once.
+                value = torch.mm(grad.t(), inputs.float()).square().sum()
         value = value / self._loss_grad.square()
         if self.statistic == "norm":
             value = value.sqrt()
@@ -360,17 +368,22 @@ class FisherWarmupCallback(TrainerCallback):
         running state needed to resume mid-warm-up."""
         if self.matrices is None:
             raise RuntimeError("FisherWarmupCallback has no statistics yet: it is set up when training begins.")
-        fisher = self.fisher if self.frozen else self._current_estimate()
+        # One device-to-host copy per vector (not one per matrix): this runs at the freeze and at checkpoints only.
+        num_matrices = len(self.matrices)
+        fisher = (self.fisher if self.frozen else self._current_estimate()).tolist()
+        importances = self.importances.tolist() if self.frozen else [None] * num_matrices
+        penalty_weights = self.penalty_weights.tolist() if self.frozen else [None] * num_matrices
+        running = self._running.tolist()
         modules = {}
         for index, matrix in enumerate(self.matrices):
             modules[matrix.name] = {
-                "fisher": fisher[index].item(),
-                "importance": self.importances[index].item() if self.frozen else None,
-                "penalty_weight": self.penalty_weights[index].item() if self.frozen else None,
+                "fisher": fisher[index],
+                "importance": importances[index],
+                "penalty_weight": penalty_weights[index],
                 "d_out": matrix.d_out,
                 "d_in": matrix.d_in,
                 "r": matrix.r,
-                "running_state": self._running[index].item(),
+                "running_state": running[index],
             }
         return {
             "frozen": self.frozen,
@@ -410,14 +423,14 @@ class FisherWarmupCallback(TrainerCallback):
                 "The checkpoint's fw_importance.json lists other adapted modules than the model being trained: "
                 f"saved {list(state['modules'])[:3]}..., model {names[:3]}.... Resume with the same LoRA targets."
             )
-        device = self._running.device
+        like = {"device": self._running.device, "dtype": torch.float32}
         rows = list(state["modules"].values())
-        self._running = torch.tensor([row["running_state"] for row in rows], device=device)
-        self._num_updates = torch.tensor(float(state["num_updates"]), device=device)
+        self._running = torch.tensor([row["running_state"] for row in rows], **like)
+        self._num_updates = torch.tensor(float(state["num_updates"]), **like)
         if state["frozen"]:
             self._remove_hooks()
-            self.fisher = torch.tensor([row["fisher"] for row in rows], device=device)
-            self.importances = torch.tensor([row["importance"] for row in rows], device=device)
+            self.fisher = torch.tensor([row["fisher"] for row in rows], **like)
+            self.importances = torch.tensor([row["importance"] for row in rows], **like)
             self.frozen_at_step = state["frozen_at_step"]
 
     def format_table(self) -> str:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import torch
 
 from .adapted_matrices import AdaptedMatrix
+from .autocast import autocast_disabled
 
 
 class FisherWeightedPenalty:
@@ -34,15 +35,18 @@ class FisherWeightedPenalty:
         for index, matrix in enumerate(matrices):
             key = (tuple(matrix.lora_A.shape), tuple(matrix.lora_B.shape), matrix.lora_A.dtype, matrix.lora_A.device)
             groups[key].append(index)
-        # Per group: the A and B parameters, and one coefficient per matrix (w · s² for the exact penalty).
+        # Per group: the A and B parameters, and one fp32 coefficient per matrix (w · s² for the exact penalty), on the
+        # device of the group's parameters (the weights may live elsewhere, e.g. when read back from a checkpoint).
         self._groups = []
         for indices in groups.values():
             a_params = [matrices[i].lora_A for i in indices]
             b_params = [matrices[i].lora_B for i in indices]
-            coefficients = weights.detach().float()[indices]
+            device = a_params[0].device
+            coefficients = weights.detach().to(device=device, dtype=torch.float32)[indices]
             if penalty == "delta":
-                coefficients = coefficients * torch.tensor([matrices[i].scaling ** 2 for i in indices])
-            self._groups.append((a_params, b_params, coefficients.to(a_params[0].device)))
+                squared_scalings = [matrices[i].scaling ** 2 for i in indices]
+                coefficients = coefficients * torch.tensor(squared_scalings, dtype=torch.float32, device=device)
+            self._groups.append((a_params, b_params, coefficients))
 
     @property
     def num_groups(self) -> int:
@@ -50,10 +54,9 @@ class FisherWeightedPenalty:
         return len(self._groups)
 
     def __call__(self) -> torch.Tensor:
-        """The penalty `R` as a differentiable fp32 scalar (computed outside autocast)."""
-        device_type = self._groups[0][0][0].device.type
+        """The penalty `R` as a differentiable fp32 scalar on the parameters' device (computed outside autocast)."""
         total = None
-        with torch.autocast(device_type=device_type, enabled=False):
+        with autocast_disabled(self._groups[0][0][0].device):
             for a_params, b_params, coefficients in self._groups:
                 a = torch.stack(a_params).float()  # (G, r, d_in)
                 b = torch.stack(b_params).float()  # (G, d_out, r)

@@ -1,4 +1,10 @@
-"""Tiny models and data built in code: no network, seconds per test."""
+"""Tiny models and data built in code: no network, seconds per test.
+
+Tests marked `gpu` run on CUDA and are skipped where there is none, unless `FW_REQUIRE_GPU=1` (set by
+`make gpu-check`), which turns such a skip into a failure so that a GPU check cannot pass without a GPU.
+"""
+
+import os
 
 import pytest
 import torch
@@ -17,6 +23,8 @@ ROLES = (
     "intermediate.dense",
     "output.dense",
 )
+# Parametrize a test over these to run it on the CPU everywhere and on CUDA where there is one.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 SEQ_LEN = 12
 VOCAB = 50
 PAD_ID = 1
@@ -64,7 +72,8 @@ def lora_model(method: str = "fw_lora", seed: int = 0, **fw_kwargs):
     return model, fw_args
 
 
-def training_args(output_dir, **kwargs) -> TrainingArguments:
+def training_args(output_dir, device: str = "cpu", **kwargs) -> TrainingArguments:
+    """Small-run arguments; `device="cuda"` trains on the GPU (the default, `"cpu"`, also on a machine that has one)."""
     defaults = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=8,
@@ -73,7 +82,7 @@ def training_args(output_dir, **kwargs) -> TrainingArguments:
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
+        use_cpu=device == "cpu",
         seed=0,
         data_seed=0,
         disable_tqdm=True,
@@ -86,3 +95,10 @@ def training_args(output_dir, **kwargs) -> TrainingArguments:
 @pytest.fixture
 def dataset():
     return TokenDataset()
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+        if os.environ.get("FW_REQUIRE_GPU") == "1":
+            pytest.fail("FW_REQUIRE_GPU=1 but CUDA is not available: this GPU test cannot run here.")
+        pytest.skip("needs a CUDA GPU")

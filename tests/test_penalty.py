@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lora_model, tiny_roberta
+from conftest import DEVICES, lora_model, tiny_roberta
 
 from fw_trainer import FisherWeightedPenalty, FWLoraArguments, build_peft_model, find_adapted_matrices
 
 
-def randomized_matrices(**fw_kwargs):
-    """Adapted matrices of the tiny model with random A and B (peft initialises B to zero, making ΔW zero)."""
+def randomized_matrices(device: str = "cpu", **fw_kwargs):
+    """Adapted matrices of the tiny model with random A and B (peft initialises B to zero, making ΔW zero), and
+    random weights, all on `device`."""
     model, _ = lora_model(**fw_kwargs)
     matrices = find_adapted_matrices(model)
     generator = torch.Generator().manual_seed(1)
@@ -20,7 +21,8 @@ def randomized_matrices(**fw_kwargs):
             matrix.lora_A.copy_(torch.randn(matrix.lora_A.shape, generator=generator))
             matrix.lora_B.copy_(torch.randn(matrix.lora_B.shape, generator=generator))
     weights = torch.rand(len(matrices), generator=generator)
-    return model, matrices, weights
+    model.to(device)
+    return model, matrices, weights.to(device)
 
 
 def brute_force(matrices, weights, penalty):
@@ -36,8 +38,9 @@ def brute_force(matrices, weights, penalty):
 
 @pytest.mark.parametrize("penalty", ["delta", "factors"])
 @pytest.mark.parametrize("lora_alpha", [16.0, 3.0])
-def test_value_and_gradient_match_brute_force(penalty, lora_alpha):
-    _, matrices, weights = randomized_matrices(lora_alpha=lora_alpha, lora_r=4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_value_and_gradient_match_brute_force(penalty, lora_alpha, device):
+    _, matrices, weights = randomized_matrices(device, lora_alpha=lora_alpha, lora_r=4)
     params = [p for matrix in matrices for p in (matrix.lora_A, matrix.lora_B)]
 
     expected = brute_force(matrices, weights, penalty)
@@ -46,6 +49,7 @@ def test_value_and_gradient_match_brute_force(penalty, lora_alpha):
     value = penalty_fn()
     grads = torch.autograd.grad(value, params)
 
+    assert value.device.type == device and value.dtype == torch.float32
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=0)
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
@@ -66,10 +70,11 @@ def test_zero_weight_switches_a_matrix_off():
     torch.testing.assert_close(FisherWeightedPenalty(matrices, weights)(), expected, rtol=1e-5, atol=0)
 
 
-def test_penalty_stays_fp32_under_bf16_autocast():
-    _, matrices, weights = randomized_matrices()
+@pytest.mark.parametrize("device", DEVICES)
+def test_penalty_stays_fp32_under_bf16_autocast(device):
+    _, matrices, weights = randomized_matrices(device)
     expected = brute_force(matrices, weights, "delta")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         value = FisherWeightedPenalty(matrices, weights)()
     assert value.dtype == torch.float32
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=0)

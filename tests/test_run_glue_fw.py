@@ -358,6 +358,7 @@ def test_yaml_config_with_command_line_override(tiny_model_dir, glue_dir, tmp_pa
         ("budget_too_small", "too small for rank 1"),
         ("offline_model", "pass a local directory"),
         ("missing_glue_file", "GLUE"),
+        ("fp16_on_cpu", "--fp16 needs a GPU"),
     ],
 )
 def test_bad_input_is_one_clear_error(case, message, tiny_model_dir, glue_dir, tmp_path, capsys, monkeypatch):
@@ -371,6 +372,7 @@ def test_bad_input_is_one_clear_error(case, message, tiny_model_dir, glue_dir, t
         "budget_too_small": ["--task_name", "sst2", "--glue_dir", glue_dir, "--lora_budget", "0.001"],
         "offline_model": ["--task_name", "sst2", "--glue_dir", glue_dir],
         "missing_glue_file": ["--task_name", "cola", "--glue_dir", glue_dir],
+        "fp16_on_cpu": ["--task_name", "sst2", "--glue_dir", glue_dir, "--fp16"],
     }[case]
     model = tiny_model_dir
     if case == "offline_model":

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import TokenDataset, lora_model, training_args
+from conftest import DEVICES, TokenDataset, lora_model, training_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import Trainer
 
@@ -18,15 +18,21 @@ def losses(trainer):
     return [log["loss"] for log in trainer.state.log_history if "loss" in log]
 
 
-def test_zero_lambda_reproduces_a_plain_trainer_run(tmp_path):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_lambda_reproduces_a_plain_trainer_run(tmp_path, device, bf16):
     dataset = TokenDataset()
     plain_model, _ = lora_model(method="lora")
-    plain = Trainer(model=plain_model, args=training_args(tmp_path / "plain", max_steps=6), train_dataset=dataset)
+    plain_args = training_args(tmp_path / "plain", device, max_steps=6, bf16=bf16)
+    plain = Trainer(model=plain_model, args=plain_args, train_dataset=dataset)
     plain.train()
 
     model, fw_args = lora_model(fw_warmup_steps=2, fw_lambda=0.0)
     trainer = FWLoraTrainer(
-        model=model, args=training_args(tmp_path / "fw", max_steps=6), train_dataset=dataset, fw_args=fw_args
+        model=model,
+        args=training_args(tmp_path / "fw", device, max_steps=6, bf16=bf16),
+        train_dataset=dataset,
+        fw_args=fw_args,
     )
     trainer.train()
 
