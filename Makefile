@@ -1,5 +1,5 @@
 # Environment, tests and lint for fw-lora. `make quickstart` and `make test` work on a fresh machine.
-.PHONY: env quickstart test test-slow quality style benchmark clean
+.PHONY: env quickstart test test-slow gpu-check quality style benchmark clean
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -44,6 +44,13 @@ test: env
 
 test-slow: env
 	$(PY) -m pytest -m slow
+
+# On a machine with a CUDA GPU: the suite with its `gpu` tests (which must run), every method end to end on MiniLM and
+# SST-2 (GLUE_DIR, else the Hub) in bf16 and fp16 and through `accelerate launch`, each checked for its artefacts, then
+# the step benchmark. Exits non-zero on any failure; logs and gpu_check.json in outputs/gpu-check. With another Python
+# (e.g. a GPU image's own): `make gpu-check PY=python3`, which skips building .venv.
+gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),env)
+	$(PY) scripts/gpu_check.py $(ARGS)
 
 # Every figure of benchmarks/README.md, into benchmarks/results/ (CPU: about 30 min on 2 cores; a GPU box adds
 # BENCH_ARGS="--device cuda --bf16"; there the step benchmark reports CUDA peak memory per method itself). See
