@@ -55,11 +55,10 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from fw_trainer import FWLoraArguments, FWLoraTrainer, build_peft_model
 from fw_trainer.adapted_matrices import delta_weight_norms
-from fw_trainer.glue_data import TASK_TO_KEYS, glue_dir_from_env, load_glue_dir
-from fw_trainer.glue_metrics import combined_score, glue_metric
-from fw_trainer.hpo import HyperparameterSearchArguments, run_hyperparameter_search
-from fw_trainer.run_metrics import PRIMARY_GLUE_METRIC
-from fw_trainer.study_config import to_argv
+from fw_trainer.cli_args import to_argv
+from fw_trainer.glue.data import TASK_TO_KEYS, glue_dir_from_env, load_glue_dir
+from fw_trainer.glue.metrics import PRIMARY_GLUE_METRIC, combined_score, glue_metric
+from fw_trainer.study.hpo import HyperparameterSearchArguments, run_hyperparameter_search
 
 
 logger = logging.getLogger(__name__)
@@ -633,16 +632,15 @@ def run(argv: list[str]) -> None:
                 "--hpo_trials needs Optuna: `pip install optuna` (or `pip install fw-lora[hpo]`)."
             ) from error
 
-        def model_init():
+        def build_model(method_arguments: FWLoraArguments):
             # A fresh pretrained model per trial, adapted with the trial's method arguments (rank, ...).
             base = AutoModelForSequenceClassification.from_pretrained(
                 model_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub_kwargs
             )
-            return build_method_model(base, trainer.fw_args)[0]
+            return build_method_model(base, method_arguments)[0]
 
-        trainer.model_init = model_init
         metric = PRIMARY_GLUE_METRIC.get(data_args.task_name) or ("mse" if is_regression else "accuracy")
-        results = run_hyperparameter_search(trainer, hpo_args, f"eval_{metric}", training_args.output_dir)
+        results = run_hyperparameter_search(trainer, build_model, hpo_args, f"eval_{metric}", training_args.output_dir)
         best = results["best_trial"]
         print(f"\nBest of {hpo_args.hpo_trials} trials: #{best['number']}, eval_{metric} = {best['objective']:.4f}")
         print("Parameters: " + ", ".join(f"--{key} {value}" for key, value in best["params"].items()))

@@ -6,8 +6,6 @@ from .adalora_callback import AdaLoraAllocationCallback
 from .adapted_matrices import AdaptedMatrix, find_adapted_matrices
 from .arguments import FWLoraArguments
 from .fisher_callback import FisherWarmupCallback
-from .glue_data import TASK_TO_KEYS, load_glue_dir
-from .glue_metrics import combined_score, glue_metric
 from .importance import bias_corrected, ema_update, normalize_importances
 from .model_builder import AdapterSummary, build_peft_model, rank_for_budget, resolve_target_modules
 from .penalty import FisherWeightedPenalty
@@ -22,14 +20,10 @@ __all__ = [
     "FWLoraTrainer",
     "FisherWarmupCallback",
     "FisherWeightedPenalty",
-    "TASK_TO_KEYS",
     "bias_corrected",
     "build_peft_model",
-    "combined_score",
     "ema_update",
     "find_adapted_matrices",
-    "glue_metric",
-    "load_glue_dir",
     "normalize_importances",
     "rank_for_budget",
     "resolve_target_modules",

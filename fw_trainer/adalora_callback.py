@@ -2,7 +2,6 @@
 
 import json
 import logging
-import math
 import os
 from typing import Optional
 
@@ -10,15 +9,12 @@ from peft import PeftModel
 from peft.tuners.adalora import AdaLoraModel
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .arguments import resolve_schedule_steps
+
 
 logger = logging.getLogger(__name__)
 
 RANK_PATTERN_FILE = "adalora_rank_pattern.json"
-
-
-def resolve_schedule_steps(value: float, total_steps: int) -> int:
-    """A step count given either as an absolute number (>= 1) or as a fraction (< 1) of `total_steps`."""
-    return int(value) if value >= 1 else int(math.floor(value * total_steps))
 
 
 class AdaLoraAllocationCallback(TrainerCallback):

@@ -1,5 +1,6 @@
 """Command-line arguments of the fine-tuning method (LoRA, AdaLoRA, FW-LoRA or full fine-tuning)."""
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -229,3 +230,8 @@ class FWLoraArguments:
     def uses_lora(self) -> bool:
         """Whether the method trains low-rank adapters (every method but full fine-tuning)."""
         return self.method != "full"
+
+
+def resolve_schedule_steps(value: float, total_steps: int) -> int:
+    """A step count given either as an absolute number (>= 1) or as a fraction (< 1) of `total_steps`."""
+    return int(value) if value >= 1 else int(math.floor(value * total_steps))

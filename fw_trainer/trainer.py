@@ -1,6 +1,5 @@
 """`FWLoraTrainer`: the Trainer that runs LoRA, AdaLoRA and FW-LoRA through one code path."""
 
-import dataclasses
 import logging
 from collections import defaultdict
 from typing import Any, Optional, Union
@@ -9,7 +8,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.integrations import TensorBoardCallback
-from transformers.trainer_utils import HPSearchBackend, get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint
 
 from .adalora_callback import AdaLoraAllocationCallback
 from .arguments import FWLoraArguments
@@ -18,9 +17,6 @@ from .penalty import FisherWeightedPenalty
 
 
 logger = logging.getLogger(__name__)
-
-# Hyper-parameters of a search that belong to the method (`lora_r`, `fw_lambda`, ...), not to `TrainingArguments`.
-METHOD_FIELDS = frozenset(field.name for field in dataclasses.fields(FWLoraArguments))
 
 
 class FWLoraTrainer(Trainer):
@@ -73,13 +69,21 @@ class FWLoraTrainer(Trainer):
         self.fisher_callback: Optional[FisherWarmupCallback] = None
         self.adalora_callback: Optional[AdaLoraAllocationCallback] = None
         self._add_method_callbacks()
-        # One entry per finished hyper-parameter search trial: its number, parameters, objective and method arguments.
-        self.hpo_trials: list[dict[str, Any]] = []
         if self.fisher_callback is not None and self.args.n_gpu > 1:
             raise ValueError(
                 "FW-LoRA does not support `torch.nn.DataParallel` (several GPUs in one process): launch one process "
                 "per GPU with `accelerate launch` or `torchrun` instead."
             )
+
+    def set_method_arguments(self, fw_args: FWLoraArguments) -> None:
+        """
+        Replaces the method's arguments and recreates its callback (the Fisher warm-up with the new K, λ, ... or
+        AdaLoRA's allocation). A hyper-parameter search calls it from `model_init(trial)` with the trial's method
+        arguments, before building the trial's model from them.
+        """
+        self.fw_args = fw_args
+        self._penalty = None
+        self._add_method_callbacks()
 
     def _add_method_callbacks(self) -> None:
         """(Re)creates the method's callback from `self.fw_args`: the Fisher warm-up or AdaLoRA's rank allocation."""
@@ -105,57 +109,6 @@ class FWLoraTrainer(Trainer):
             self.adalora_callback = AdaLoraAllocationCallback(self.fw_args.adalora_tinit, self.fw_args.adalora_tfinal)
             self.add_callback(self.adalora_callback)
 
-    def hyperparameter_search(
-        self,
-        hp_space=None,
-        compute_objective=None,
-        n_trials=20,
-        direction="minimize",
-        backend=None,
-        hp_name=None,
-        **kwargs,
-    ):
-        """
-        [`~transformers.Trainer.hyperparameter_search`] over `TrainingArguments` and the method's arguments
-        ([`FWLoraArguments`] fields such as `lora_r`, `fw_lambda`, `fw_warmup_steps`), with Optuna.
-
-        The trainer needs a `model_init` that builds the model from `trainer.fw_args`: each trial's method arguments
-        are set there before `model_init` is called. Finished trials are recorded in `trainer.hpo_trials`.
-        """
-        if backend is not None and HPSearchBackend(backend) != HPSearchBackend.OPTUNA:
-            raise ValueError(
-                f"FWLoraTrainer searches method arguments (lora_r, fw_lambda, ...) with Optuna only, got backend "
-                f"{backend!r}: pass backend='optuna' (pip install optuna)."
-            )
-        self.hpo_trials = []
-        return super().hyperparameter_search(
-            hp_space, compute_objective, n_trials, direction, HPSearchBackend.OPTUNA, hp_name, **kwargs
-        )
-
-    def call_model_init(self, trial=None) -> nn.Module:
-        # `Trainer.__init__` calls this (without a trial) before it defines `hp_search_backend`.
-        if getattr(self, "hp_search_backend", None) is not None and trial is not None:
-            # transformers sets the trial's TrainingArguments after `model_init`; the method's arguments shape the
-            # model (rank) and the callbacks (K, λ), so they are set first.
-            params = {key: value for key, value in self.hp_space(trial).items() if key in METHOD_FIELDS}
-            if "lora_r" in params:
-                params.setdefault("lora_budget", None)
-            self.fw_args = dataclasses.replace(self.fw_args, **params)
-            self._add_method_callbacks()
-            self._penalty = None
-        return super().call_model_init(trial)
-
-    def _hp_search_setup(self, trial) -> None:
-        if self.hp_search_backend is None or trial is None:
-            return super()._hp_search_setup(trial)
-        # transformers would warn about each method argument as "no corresponding field in TrainingArguments".
-        hp_space = self.hp_space
-        self.hp_space = lambda t: {k: v for k, v in hp_space(t).items() if k not in METHOD_FIELDS}
-        try:
-            super()._hp_search_setup(trial)
-        finally:
-            self.hp_space = hp_space
-
     def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None, *args, **kwargs):
         """`Trainer.train`, restoring the Fisher statistics saved in the checkpoint it resumes from."""
         if resume_from_checkpoint is True:
@@ -168,20 +121,7 @@ class FWLoraTrainer(Trainer):
                     "Checkpoint %s has no fw_importance.json: the Fisher warm-up restarts from scratch.",
                     resume_from_checkpoint,
                 )
-        output = super().train(resume_from_checkpoint, *args, **kwargs)
-        trial = self._trial
-        if self.hp_search_backend is not None and trial is not None:
-            self.hpo_trials.append(
-                {
-                    "number": getattr(trial, "number", len(self.hpo_trials)),
-                    "params": dict(getattr(trial, "params", {})),
-                    "objective": getattr(self, "objective", None),
-                    "method_arguments": dataclasses.asdict(self.fw_args),
-                    "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-                    "global_step": self.state.global_step,
-                }
-            )
-        return output
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _calibration_backward(self, inputs: dict[str, Union[torch.Tensor, Any]]) -> None:
         """One calibration micro-batch (IW-LoRA): forward and backward for the Fisher hooks, then no gradient left."""
@@ -254,7 +194,7 @@ class FWLoraTrainer(Trainer):
         ]
         if not writers:
             return
-        from .figures import heatmap_figure
+        from .heatmap import heatmap_figure  # matplotlib is imported when a figure is drawn, not with the trainer
 
         callback = self.fisher_callback
         values = {

@@ -159,7 +159,7 @@ def check_reload(output_dir: Path, method: str, num_sentences: int = 256) -> lis
 
 
 def dev_sentences() -> list[str]:
-    from fw_trainer.glue_data import glue_dir_from_env, load_glue_dir
+    from fw_trainer.glue.data import glue_dir_from_env, load_glue_dir
 
     glue_dir = glue_dir_from_env()
     if glue_dir:

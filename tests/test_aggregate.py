@@ -6,9 +6,9 @@ import math
 import pytest
 import yaml
 
-from fw_trainer.aggregate import aggregate_study, main
-from fw_trainer.run_metrics import METRICS_FILE, collect_run_metrics
-from fw_trainer.study_config import StudyConfig
+from fw_trainer.study.aggregate import aggregate_study, main
+from fw_trainer.study.config import StudyConfig
+from fw_trainer.study.run_metrics import METRICS_FILE, collect_run_metrics
 
 
 LABELS = [0, 1] * 5

@@ -23,7 +23,8 @@ from transformers import (
 )
 
 from fw_trainer import FWLoraArguments, build_peft_model, resolve_target_modules
-from fw_trainer.model_builder import layer_index, target_role
+from fw_trainer.architectures import TARGET_ROLES, layer_index, target_role
+from fw_trainer.heatmap import layer_role_grid
 
 
 NUM_LAYERS = 2
@@ -272,3 +273,13 @@ def test_bert_pooler_stays_a_frozen_backbone_layer():
     model, summary = build_peft_model(tiny_model("bert"), FWLoraArguments(method="lora"))
     assert not any(p.requires_grad for name, p in model.named_parameters() if "pooler" in name)
     assert model.peft_config["default"].modules_to_save == ["classifier", "score"]
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_heatmap_grid_reads_every_architecture(architecture):
+    """The figures' layer × role grid comes from the same tables as the targets: all six roles of every layer,
+    in encoder order, whatever the architecture's module names."""
+    names = expected_targets(architecture)
+    grid, layers, roles = layer_role_grid({name: float(i) for i, name in enumerate(names)})
+    assert layers == list(range(NUM_LAYERS)) and roles == list(TARGET_ROLES)
+    assert grid.tolist() == [[float(6 * layer + j) for j in range(6)] for layer in range(NUM_LAYERS)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from datasets import ClassLabel, Value
 
-from fw_trainer.glue_data import GLUE_LABEL_NAMES, TASK_TO_KEYS, glue_dir_from_env, load_glue_dir
+from fw_trainer.glue.data import GLUE_LABEL_NAMES, TASK_TO_KEYS, glue_dir_from_env, load_glue_dir
 
 
 def write_files(root: Path, folder: str, files: dict[str, list[str]]) -> Path:
@@ -266,7 +266,7 @@ def test_malformed_rows_are_skipped_with_one_warning(tmp_path, caplog):
     files = dict(
         files, **{"train.tsv": files["train.tsv"] + ["1\t2\t3\tonly three fields then?", "4\t5\t6\tA?\tB?\t"]}
     )
-    with caplog.at_level(logging.WARNING, logger="fw_trainer.glue_data"):
+    with caplog.at_level(logging.WARNING, logger="fw_trainer.glue.data"):
         data = load_glue_dir(write_files(tmp_path, folder, files), "qqp")
     assert data["train"]["idx"] == [0, 2]
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]

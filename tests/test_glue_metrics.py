@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import ConstantInputWarning
 from sklearn.exceptions import UndefinedMetricWarning
 
-from fw_trainer.glue_metrics import GLUE_METRIC_NAMES, combined_score, glue_metric
+from fw_trainer.glue.metrics import GLUE_METRIC_NAMES, combined_score, glue_metric
 
 
 ACCURACY_TASKS = ("sst2", "mnli", "mnli_matched", "mnli_mismatched", "qnli", "rte", "wnli", "hans")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from fw_trainer.statistics import mcnemar, paired_tests, summarize
+from fw_trainer.study.statistics import mcnemar, paired_tests, summarize
 
 
 def test_summary_mean_std_and_t_interval():

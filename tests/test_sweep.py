@@ -11,8 +11,8 @@ import pytest
 import yaml
 from test_run_glue_fw import glue_dir, tiny_model_dir  # noqa: F401  (module-scoped fixtures)
 
-from fw_trainer.study_config import StudyConfig, StudyConfigError
-from fw_trainer.sweep import log_path, main, run_command
+from fw_trainer.study.config import StudyConfig, StudyConfigError
+from fw_trainer.study.sweep import log_path, main, run_command
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_killed_sweep_resumes_without_recomputing(tmp_path, tiny_model_dir, glue
     first_metrics = tmp_path / "out" / first.name / "metrics.json"
 
     sweep = subprocess.Popen(
-        [sys.executable, "-m", "fw_trainer.sweep", str(study)], cwd=REPO, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "fw_trainer.study.sweep", str(study)], cwd=REPO, stdout=subprocess.PIPE, text=True
     )
     wait_for(first_metrics.is_file)
     wait_for(lambda: os.path.isfile(log_path(config, second)))
@@ -146,7 +146,7 @@ def test_killed_sweep_resumes_without_recomputing(tmp_path, tiny_model_dir, glue
     assert os.path.getsize(log_path(config, second)) == log_size  # the run in flight was stopped too
 
     result = subprocess.run(
-        [sys.executable, "-m", "fw_trainer.sweep", str(study)], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "fw_trainer.study.sweep", str(study)], cwd=REPO, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
     assert "2 runs, 1 already finished, 1 to run" in result.stdout

@@ -1,7 +1,7 @@
 """
-Runs every cell of a study (see `fw_trainer.study_config`) with `run_glue_fw.py`, then aggregates the results.
+Runs every cell of a study (see `fw_trainer.study.config`) with `run_glue_fw.py`, then aggregates the results.
 
-    python -m fw_trainer.sweep configs/studies/cpu_minilm.yaml [--parallel N] [--dry_run]
+    python -m fw_trainer.study.sweep configs/studies/cpu_minilm.yaml [--parallel N] [--dry_run]
 
 Resumable: a run whose `metrics.json` exists is skipped; a run that stopped with checkpoints resumes from the last one;
 a run that crashed before any checkpoint starts again (its log is kept, appended to). `metrics.json` is the last file
@@ -22,11 +22,12 @@ from typing import Optional
 
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..cli_args import to_argv
+from .config import StudyConfig, StudyConfigError, StudyRun
 from .run_metrics import METRICS_FILE, collect_run_metrics, write_json_atomic
-from .study_config import StudyConfig, StudyConfigError, StudyRun, to_argv
 
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_dir(config: StudyConfig, run: StudyRun) -> str:
@@ -194,7 +195,9 @@ def _interrupt(signum, frame) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fw_trainer.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m fw_trainer.study.sweep",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("study", help="The study YAML file (see fw_trainer/study_config.py).")
     parser.add_argument("--parallel", type=int, default=1, help="Runs at a time: one GPU each, or a share of CPUs.")

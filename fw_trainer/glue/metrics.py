@@ -23,6 +23,8 @@ GLUE_METRIC_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 ArrayLike = Union[np.ndarray, Sequence[float], Sequence[int]]
+# The metric a study compares methods by, per task: the first of its metrics (MCC for CoLA, Pearson for STS-B).
+PRIMARY_GLUE_METRIC = {task: names[0] for task, names in GLUE_METRIC_NAMES.items()}
 
 
 def glue_metric(task_name: str, predictions: ArrayLike, references: ArrayLike) -> dict[str, float]:

@@ -160,15 +160,3 @@ def _axis_variants(path: str, axis: str, values: Any) -> dict[str, dict[str, Any
     raise StudyConfigError(
         f"{path}: axis {axis!r} should be a non-empty list of values or a mapping of named variants, got {values!r}."
     )
-
-
-def to_argv(args: dict[str, Any]) -> list[str]:
-    """Arguments as `run_glue_fw.py` flags; `None` leaves an argument unset."""
-    argv = []
-    for key, value in args.items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            value = str(value).lower()
-        argv += [f"--{key}", *map(str, value)] if isinstance(value, list) else [f"--{key}", str(value)]
-    return argv

@@ -9,7 +9,7 @@ Aggregates a finished (or partly finished) study into the artefacts of a paper, 
 - `results.md`: both as Markdown tables;
 - `figures/`: bar charts of the dev metric and train time, importance heatmaps, `‖ΔW‖_F` heatmaps per method.
 
-    python -m fw_trainer.aggregate configs/studies/cpu_minilm.yaml
+    python -m fw_trainer.study.aggregate configs/studies/cpu_minilm.yaml
 """
 
 import argparse
@@ -22,11 +22,12 @@ from typing import Optional
 
 import numpy as np
 
-from .figures import bar_chart_figure, confusion_matrix_figure, heatmap_figure, save_figure, training_curves_figure
-from .glue_data import GLUE_LABEL_NAMES
+from ..glue.data import GLUE_LABEL_NAMES
+from ..heatmap import heatmap_figure
+from .config import SEED_AXIS, StudyConfig, StudyConfigError
+from .figures import bar_chart_figure, confusion_matrix_figure, save_figure, training_curves_figure
 from .run_metrics import METRICS_FILE, write_json_atomic
 from .statistics import mcnemar, paired_tests, summarize
-from .study_config import SEED_AXIS, StudyConfig, StudyConfigError
 
 
 def load_finished_runs(config: StudyConfig) -> list[dict]:
@@ -260,7 +261,7 @@ def aggregate_study(config: StudyConfig, figures: bool = True) -> dict:
     expected = len(config.runs())
     if not runs:
         raise StudyConfigError(
-            f"No finished run of {config.path} in {config.output_dir}: run `python -m fw_trainer.sweep {config.path}` "
+            f"No finished run of {config.path} in {config.output_dir}: run `python -m fw_trainer.study.sweep {config.path}` "
             "first."
         )
     results_dir = config.results_dir
@@ -291,7 +292,7 @@ def aggregate_study(config: StudyConfig, figures: bool = True) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fw_trainer.aggregate",
+        prog="python -m fw_trainer.study.aggregate",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

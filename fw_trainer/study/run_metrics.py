@@ -7,13 +7,12 @@ import os
 import tempfile
 from typing import Any, Optional
 
-from .glue_metrics import GLUE_METRIC_NAMES
+from ..glue.metrics import PRIMARY_GLUE_METRIC
 
 
 METRICS_FILE = "metrics.json"
 
 # The number a GLUE paper reports per task (the first of several): what studies compare and test.
-PRIMARY_GLUE_METRIC = {task: names[0] for task, names in GLUE_METRIC_NAMES.items()}
 
 
 def primary_metric(task_name: Optional[str], eval_results: dict[str, Any]) -> str:

@@ -1,0 +1,86 @@
+"""The package's architecture, read from its imports: a core that any training loop can use, GLUE support and the
+study harness on top of it, matplotlib only where a figure is drawn, and no import cycle."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+
+PACKAGE = Path(__file__).resolve().parents[1] / "fw_trainer"
+# The modules that draw figures, and so import matplotlib.
+FIGURE_MODULES = {"fw_trainer.heatmap", "fw_trainer.study.figures"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, top_level: bool = True) -> set[str]:
+    """Absolute names of the modules that `path` imports: when it is imported, or anywhere (`top_level=False`)."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rsplit(".", 1)[0]
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in tree.body if top_level else ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            if node.level:
+                base = base[: len(base) - node.level + 1]
+                prefix = ".".join(base + ([node.module] if node.module else []))
+            else:
+                prefix = node.module
+            names.add(prefix)
+            names |= {f"{prefix}.{alias.name}" for alias in node.names}
+    return names
+
+
+MODULES = {module_name(path): imports(path) for path in PACKAGE.rglob("*.py")}
+# With the imports made inside functions, which a direction between layers must not have either.
+ALL_IMPORTS = {module_name(path): imports(path, top_level=False) for path in PACKAGE.rglob("*.py")}
+
+
+def is_core(name: str) -> bool:
+    return not name.startswith(("fw_trainer.glue", "fw_trainer.study"))
+
+
+def test_core_imports_neither_glue_nor_the_study():
+    for name, imported in ALL_IMPORTS.items():
+        if is_core(name):
+            assert not [i for i in imported if not is_core(i) and i.startswith("fw_trainer")], name
+
+
+def test_glue_does_not_import_the_study():
+    for name, imported in ALL_IMPORTS.items():
+        if name.startswith("fw_trainer.glue"):
+            assert not [i for i in imported if i.startswith("fw_trainer.study")], name
+
+
+def test_matplotlib_only_where_a_figure_is_drawn():
+    drawing = {name for name, imported in MODULES.items() if any(i.startswith("matplotlib") for i in imported)}
+    assert drawing == FIGURE_MODULES
+    code = "import sys, fw_trainer, fw_trainer.glue; print('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_no_import_cycle():
+    graph = {name: {i for i in imported if i in MODULES and i != name} for name, imported in MODULES.items()}
+    # A package imports its submodules through `__init__`; a cycle through a package's own `__init__` is not one.
+    for name in graph:
+        graph[name] = {i for i in graph[name] if not name.startswith(i + ".")}
+    visiting, done = set(), set()
+
+    def visit(node, path):
+        assert node not in visiting, " -> ".join([*path, node])
+        if node in done:
+            return
+        visiting.add(node)
+        for child in graph[node]:
+            visit(child, [*path, node])
+        visiting.discard(node)
+        done.add(node)
+
+    for node in graph:
+        visit(node, [])
