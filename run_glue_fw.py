@@ -58,18 +58,17 @@ from fw_trainer.adapted_matrices import delta_weight_norms
 from fw_trainer.cli_args import to_argv
 from fw_trainer.glue.data import TASK_TO_KEYS, glue_dir_from_env, load_glue_dir
 from fw_trainer.glue.metrics import PRIMARY_GLUE_METRIC, combined_score, glue_metric
+from fw_trainer.run_artifacts import (
+    ADAPTER_SUMMARY_FILE,
+    ALL_RESULTS_FILE,
+    DELTA_WEIGHT_NORMS_FILE,
+    EVAL_PREDICTIONS_FILE,
+)
 from fw_trainer.study.hpo import HyperparameterSearchArguments, run_hyperparameter_search
 
 
 logger = logging.getLogger(__name__)
 
-FINISHED_RUN_MARKER = "all_results.json"
-ADAPTER_SUMMARY_FILE = "adapter_summary.json"
-# Per dev example: index, gold label id (or score) and prediction of the final model, for McNemar's test and the
-# confusion matrix.
-EVAL_PREDICTIONS_FILE = "eval_predictions_{task}.tsv"
-# ‖ΔW‖_F per adapted matrix at the end of training: where each method put its capacity.
-DELTA_WEIGHT_NORMS_FILE = "delta_weight_norms.json"
 RELABELLED = "label_id"
 
 
@@ -287,9 +286,9 @@ def check_output_dir(training_args: TrainingArguments, data_args: DataTrainingAr
         return None
     if training_args.resume_from_checkpoint is not None:
         return None
-    if os.path.isfile(os.path.join(output_dir, FINISHED_RUN_MARKER)):
+    if os.path.isfile(os.path.join(output_dir, ALL_RESULTS_FILE)):
         raise UsageError(
-            f"The output directory {output_dir} already holds a finished run ({FINISHED_RUN_MARKER}). Nothing was "
+            f"The output directory {output_dir} already holds a finished run ({ALL_RESULTS_FILE}). Nothing was "
             "changed. Pass --overwrite_output_dir to replace it, --resume_from_checkpoint to continue it, or choose "
             "another --output_dir."
         )

@@ -10,11 +10,10 @@ from peft.tuners.adalora import AdaLoraModel
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .arguments import resolve_schedule_steps
+from .run_artifacts import RANK_PATTERN_FILE
 
 
 logger = logging.getLogger(__name__)
-
-RANK_PATTERN_FILE = "adalora_rank_pattern.json"
 
 
 class AdaLoraAllocationCallback(TrainerCallback):

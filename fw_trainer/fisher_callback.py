@@ -16,11 +16,10 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from .adapted_matrices import AdaptedMatrix, find_adapted_matrices
 from .autocast import autocast_disabled
 from .importance import bias_corrected, ema_update, normalize_importances, running_mean_update
+from .run_artifacts import IMPORTANCE_FILE
 
 
 logger = logging.getLogger(__name__)
-
-IMPORTANCE_FILE = "fw_importance.json"
 
 
 def _cycle(dataloader: Iterable) -> Iterator:

@@ -12,7 +12,7 @@ from torch.utils.data import SequentialSampler
 from transformers import TrainerCallback
 
 from fw_trainer import FisherWarmupCallback, FWLoraTrainer, find_adapted_matrices
-from fw_trainer.fisher_callback import IMPORTANCE_FILE
+from fw_trainer.run_artifacts import IMPORTANCE_FILE
 
 
 class SequentialFWLoraTrainer(FWLoraTrainer):
