@@ -6,6 +6,7 @@ from .adalora_callback import AdaLoraAllocationCallback
 from .adapted_matrices import AdaptedMatrix, find_adapted_matrices
 from .arguments import FWLoraArguments
 from .fisher_callback import FisherWarmupCallback
+from .fisher_estimator import FisherEstimator
 from .importance import bias_corrected, ema_update, normalize_importances
 from .model_builder import AdapterSummary, build_peft_model, rank_for_budget, resolve_target_modules
 from .penalty import FisherWeightedPenalty
@@ -18,6 +19,7 @@ __all__ = [
     "AdapterSummary",
     "FWLoraArguments",
     "FWLoraTrainer",
+    "FisherEstimator",
     "FisherWarmupCallback",
     "FisherWeightedPenalty",
     "bias_corrected",

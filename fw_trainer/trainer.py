@@ -2,6 +2,7 @@
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from typing import Any, Optional, Union
 
 import torch
@@ -19,22 +20,32 @@ from .penalty import FisherWeightedPenalty
 logger = logging.getLogger(__name__)
 
 
+def _cycle(dataloader: Iterable) -> Iterator:
+    while True:
+        yield from dataloader
+
+
 class FWLoraTrainer(Trainer):
     r"""
-    [`~transformers.Trainer`] for Fisher-weighted LoRA. The changes w.r.t. `Trainer`:
+    [`~transformers.Trainer`] for Fisher-weighted LoRA. The only changes w.r.t. `Trainer` are:
 
-    - `compute_loss` adds `λ Σ_m (1 − I_m)^β ‖ΔW_m‖²` in training mode once the Fisher warm-up is over (methods
-      `fw_lora` and `iw_lora`; IW-LoRA measures in a calibration before training), and records `task_loss`, `fw_penalty` (`Σ (1 − I) ‖ΔW‖²`) and `fw_weighted_penalty` (`λ` times it);
+    - `compute_loss` routes the task loss through the Fisher estimator during the warm-up (so its hooks can undo the
+      loss scaling), and once the importances are frozen adds `λ Σ_m (1 − I_m)^β ‖ΔW_m‖²` in training mode (methods
+      `fw_lora` and `iw_lora`); it records `task_loss`, `fw_penalty` (`Σ (1 − I) ‖ΔW‖²`) and `fw_weighted_penalty`
+      (`λ` times it);
+    - `training_step`: with `fw_warmup_mode="calibrate"` (IW-LoRA) the first one runs the calibration before it: K
+      steps of forward/backward passes that update nothing, measured by the estimator, then the freeze;
     - `log` merges those averages (and AdaLoRA's rank budget, and the frozen importances once) into every report, so
       they reach TensorBoard and every other integration;
-    - the loss is a per-micro-batch mean that the Trainer divides by the gradient-accumulation steps: transformers
-      would otherwise skip that division for models whose `forward` takes `**kwargs` but ignores
-      `num_items_in_batch` (RoBERTa, BERT), making the gradient GA times too large;
     - `save_model` writes `fw_importance.json` into every checkpoint and `train(resume_from_checkpoint=...)` reads
-      it back, so a resumed run continues the warm-up or keeps the frozen importances.
+      it back, so a resumed run continues the warm-up or keeps the frozen importances;
+    - `loss_is_scaled_for_ga = False`: the loss is a per-micro-batch mean that the Trainer divides by the
+      gradient-accumulation steps; transformers would otherwise skip that division for models whose `forward` takes
+      `**kwargs` but ignores `num_items_in_batch` (RoBERTa, BERT), making the gradient GA times too large.
 
-    The same class runs `lora` (nothing added), `adalora` (with [`AdaLoraAllocationCallback`]) and `full`, so timings
-    and results compare like for like.
+    The warm-up schedule, the freeze and `fw_importance.json` are [`FisherWarmupCallback`]'s, the measurement is its
+    [`FisherEstimator`]'s. The same class runs `lora` (nothing added), `adalora` (with [`AdaLoraAllocationCallback`])
+    and `full`, so timings and results compare like for like.
 
     Args:
         fw_args ([`FWLoraArguments`], *optional*): The method's arguments; defaults to `FWLoraArguments()`.
@@ -92,7 +103,6 @@ class FWLoraTrainer(Trainer):
                 self.remove_callback(callback)
         self.fisher_callback = self.adalora_callback = None
         if self.fw_args.uses_fisher_weights:
-            calibrate = self.fw_args.fw_warmup_mode == "calibrate"
             self.fisher_callback = FisherWarmupCallback(
                 warmup_steps=self.fw_args.fw_warmup_steps,
                 ema_decay=self.fw_args.fw_ema_decay,
@@ -102,7 +112,7 @@ class FWLoraTrainer(Trainer):
                 power=self.fw_args.fw_power,
                 estimator=self.fw_args.fw_estimator,
                 sketch_probes=self.fw_args.fw_sketch_probes,
-                calibration_backward=self._calibration_backward if calibrate else None,
+                warmup_mode=self.fw_args.fw_warmup_mode,
             )
             self.add_callback(self.fisher_callback)
         elif self.fw_args.method == "adalora":
@@ -123,17 +133,41 @@ class FWLoraTrainer(Trainer):
                 )
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    def _calibration_backward(self, inputs: dict[str, Union[torch.Tensor, Any]]) -> None:
-        """One calibration micro-batch (IW-LoRA): forward and backward for the Fisher hooks, then no gradient left."""
-        model = self.model_wrapped
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Union[torch.Tensor, Any]],
+        num_items_in_batch: Optional[Union[torch.Tensor, int]] = None,
+    ) -> torch.Tensor:
+        """`Trainer.training_step`; with IW-LoRA's calibration still to run, runs it first (see [`_calibrate`])."""
+        if self.fisher_callback is not None and self.fisher_callback.awaits_calibration:
+            self._calibrate(model)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _calibrate(self, model: nn.Module) -> None:
+        """
+        IW-LoRA's calibration, on the prepared model: `fw_warmup_steps` steps of `gradient_accumulation_steps`
+        forward/backward passes each, over the training data from its start, measured by the Fisher estimator. No
+        gradient is kept and no optimizer or scheduler step is taken or counted; then the importances are frozen.
+        """
+        callback = self.fisher_callback
+        estimator = callback.estimator
+        batches = _cycle(self.callback_handler.train_dataloader)
         model.train()
-        inputs = self._prepare_inputs(inputs)
-        # No all-reduce of gradients that nobody uses: each rank measures its own micro-batches.
-        with self.accelerator.no_sync(model):
-            with self.compute_loss_context_manager():
-                loss = super().compute_loss(model, inputs)
-            self.accelerator.backward(self.fisher_callback.scale_probe(loss))
-        model.zero_grad(set_to_none=True)
+        estimator.start()
+        for _ in range(callback.warmup_steps):
+            for _ in range(self.args.gradient_accumulation_steps):
+                inputs = self._prepare_inputs(next(batches))
+                # No all-reduce of gradients that nobody uses: each process measures its own micro-batches.
+                with self.accelerator.no_sync(model):
+                    with self.compute_loss_context_manager():
+                        loss = super().compute_loss(model, inputs)
+                    self.accelerator.backward(estimator.loss_to_backpropagate(loss))
+                model.zero_grad(set_to_none=True)
+                estimator.fold_micro_batch()
+            estimator.end_step()
+        logger.info("IW-LoRA calibration: %d steps measured, nothing updated.", callback.warmup_steps)
+        callback.freeze(self.args, self.state)
 
     def compute_loss(
         self,
@@ -148,20 +182,21 @@ class FWLoraTrainer(Trainer):
 
         self._metrics["task_loss"].append(loss.detach())
         callback = self.fisher_callback
-        if callback is not None:
-            loss = callback.scale_probe(loss)
-            if callback.frozen and self.fw_args.fw_lambda > 0:
-                # Built once per freeze (a resume or a new model from `model_init` brings new importances).
-                if self._penalty is None or self._penalty_importances is not callback.importances:
-                    self._penalty = FisherWeightedPenalty(
-                        callback.matrices, callback.penalty_weights, self.fw_args.fw_penalty
-                    )
-                    self._penalty_importances = callback.importances
-                penalty = self._penalty()
-                weighted = self.fw_args.fw_lambda * penalty
-                loss = loss + weighted.to(loss.dtype)
-                self._metrics["fw_penalty"].append(penalty.detach())
-                self._metrics["fw_weighted_penalty"].append(weighted.detach())
+        if callback is not None and callback.is_measuring:
+            # Lets the estimator's hooks undo what scales the loss from here on (1 / GA, an fp16 loss scale).
+            loss = callback.estimator.loss_to_backpropagate(loss)
+        elif callback is not None and callback.frozen and self.fw_args.fw_lambda > 0:
+            # Built once per freeze (a resume or a new model from `model_init` brings new importances).
+            if self._penalty is None or self._penalty_importances is not callback.importances:
+                self._penalty = FisherWeightedPenalty(
+                    callback.matrices, callback.penalty_weights, self.fw_args.fw_penalty
+                )
+                self._penalty_importances = callback.importances
+            penalty = self._penalty()
+            weighted = self.fw_args.fw_lambda * penalty
+            loss = loss + weighted.to(loss.dtype)
+            self._metrics["fw_penalty"].append(penalty.detach())
+            self._metrics["fw_weighted_penalty"].append(weighted.detach())
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:

@@ -6,7 +6,8 @@ or in the wrong dtype would go unseen. Two tricks make such a tensor fail on a C
 - the model on the `meta` device: any CPU tensor the penalty or the hooks build meets meta tensors and raises;
 - the model on the CPU, FW-LoRA's own code run under a *default* device of `meta` and a default dtype of float64:
   any tensor it builds from the defaults (no `device=`, no `dtype=`) lands on `meta` or in float64, so the run fails
-  or its statistics leave fp32. This covers the whole Trainer path (hooks, sketch, freeze, calibration, penalty).
+  or its statistics leave fp32. This covers the whole Trainer path (estimator, hooks, sketch, freeze, calibration,
+  penalty).
 """
 
 import functools
@@ -17,7 +18,13 @@ import torch
 from conftest import TokenDataset, lora_model, training_args
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fw_trainer import FisherWarmupCallback, FisherWeightedPenalty, FWLoraTrainer, find_adapted_matrices
+from fw_trainer import (
+    FisherEstimator,
+    FisherWarmupCallback,
+    FisherWeightedPenalty,
+    FWLoraTrainer,
+    find_adapted_matrices,
+)
 
 
 def meta_model_and_batch(**fw_kwargs):
@@ -52,15 +59,14 @@ def test_exact_hooks_follow_the_model_to_another_device():
     # The sketch draws its probes from a generator on the model's device, which `meta` does not have; it is covered
     # by the default-device test below.
     model, batch = meta_model_and_batch()
-    callback = FisherWarmupCallback(warmup_steps=1)
-    callback._setup(model)
-    callback._install_hooks()
+    estimator = FisherEstimator(model)
+    estimator.start()
 
-    callback.scale_probe(model(**batch).loss).backward()
-    callback._fold_micro_batch()
-    callback._end_optimizer_step()
+    estimator.loss_to_backpropagate(model(**batch).loss).backward()
+    estimator.fold_micro_batch()
+    estimator.end_step()
 
-    for state in (callback._running, callback._num_updates, callback._current_estimate()):
+    for state in (estimator._running, estimator._num_updates, estimator.fisher):
         assert state.device.type == "meta" and state.dtype == torch.float32
 
 
@@ -80,26 +86,48 @@ def _under_foreign_defaults(function):
     return wrapper
 
 
-# Every method of FW-LoRA's own tensor code; `on_train_begin` and `calibrate` are left out because they run the
-# model's forward (transformers' code), but everything they call on FW-LoRA's side is in the list.
+def _trapped(attribute):
+    """A method or property of a class, run under foreign defaults."""
+    if isinstance(attribute, property):
+        return property(_under_foreign_defaults(attribute.fget))
+    return _under_foreign_defaults(attribute)
+
+
+def _untrapped(attribute):
+    """The original of a `_trapped` attribute."""
+    if isinstance(attribute, property):
+        return property(attribute.fget.__wrapped__)
+    return attribute.__wrapped__
+
+
+# Every method and property of FW-LoRA's own tensor code; the trainer's calibration loop (`_calibrate`) is left out
+# because it runs the model's forward (transformers' code), but everything it calls on FW-LoRA's side is in the list.
 FOREIGN_DEFAULT_METHODS = {
-    FisherWarmupCallback: (
-        "_setup",
-        "_install_hooks",
+    FisherEstimator: (
+        "__init__",
+        "start",
+        "stop",
+        "loss_to_backpropagate",
+        "fold_micro_batch",
+        "end_step",
+        "fisher",
+        "state_dict",
+        "load_state_dict",
         "_forward_hook",
         "_sketch",
         "_output_grad_hook",
-        "scale_probe",
-        "_fold_micro_batch",
-        "_end_optimizer_step",
-        "_current_estimate",
-        "_freeze",
-        "_apply_state",
-        "state_dict",
+    ),
+    FisherWarmupCallback: (
+        "penalty_weights",
+        "_setup",
+        "freeze",
+        "on_train_begin",
         "on_substep_end",
         "on_pre_optimizer_step",
         "on_step_end",
         "on_train_end",
+        "state_dict",
+        "_apply_state",
     ),
     FisherWeightedPenalty: ("__init__", "__call__"),
 }
@@ -109,7 +137,7 @@ FOREIGN_DEFAULT_METHODS = {
 def foreign_defaults(monkeypatch):
     for cls, names in FOREIGN_DEFAULT_METHODS.items():
         for name in names:
-            monkeypatch.setattr(cls, name, _under_foreign_defaults(getattr(cls, name)))
+            monkeypatch.setattr(cls, name, _trapped(getattr(cls, name)))
 
 
 def run_fw_lora(output_dir, **fw_kwargs):
@@ -138,7 +166,8 @@ def test_no_tensor_is_built_from_the_default_device_or_dtype(tmp_path, fw_kwargs
     trainer, model = run_fw_lora(tmp_path / "trapped", **fw_kwargs)
     callback = trainer.fisher_callback
     assert callback.frozen
-    for state in (callback.fisher, callback.importances, callback._running, callback._num_updates):
+    estimator = callback.estimator
+    for state in (callback.fisher, callback.importances, estimator._running, estimator._num_updates):
         assert state.device.type == "cpu" and state.dtype == torch.float32
     # The penalty ran in every step after the warm-up (4 in all, 2 of which are warm-up steps unless calibrating).
     penalised = sum("fw_penalty" in log for log in trainer.state.log_history)
@@ -157,7 +186,7 @@ def _run_untrapped(output_dir, fw_kwargs):
     for cls, names in FOREIGN_DEFAULT_METHODS.items():
         for name in names:
             originals[(cls, name)] = getattr(cls, name)
-            setattr(cls, name, getattr(cls, name).__wrapped__)
+            setattr(cls, name, _untrapped(getattr(cls, name)))
     try:
         return run_fw_lora(output_dir, **fw_kwargs)
     finally:

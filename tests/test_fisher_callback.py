@@ -1,4 +1,5 @@
-"""The Fisher proxy of `FisherWarmupCallback` against autograd on unfrozen copies of the frozen weights."""
+"""The Fisher proxy of `FisherEstimator` and `FisherWarmupCallback` against autograd on unfrozen copies of the frozen
+weights."""
 
 import copy
 import json
@@ -11,7 +12,7 @@ from conftest import DEVICES, TokenDataset, lora_model, training_args
 from torch.utils.data import SequentialSampler
 from transformers import TrainerCallback
 
-from fw_trainer import FisherWarmupCallback, FWLoraTrainer, find_adapted_matrices
+from fw_trainer import FisherEstimator, FisherWarmupCallback, FWLoraTrainer, find_adapted_matrices
 from fw_trainer.run_artifacts import IMPORTANCE_FILE
 
 
@@ -166,19 +167,18 @@ def test_non_finite_micro_batch_is_skipped():
     model, _ = lora_model()
     expected = reference_sq_grad_norms(model, rows(dataset, 0, 8))
 
-    callback = FisherWarmupCallback(warmup_steps=1)
-    callback._setup(model)
-    callback._install_hooks()
+    estimator = FisherEstimator(model)
+    estimator.start()
     model.train()
     for start, factor in ((0, 1.0), (8, float("nan"))):
-        loss = callback.scale_probe(model(**rows(dataset, start, start + 8)).loss) * factor
+        loss = estimator.loss_to_backpropagate(model(**rows(dataset, start, start + 8)).loss) * factor
         loss.backward()
-        callback._fold_micro_batch()
-    callback._end_optimizer_step()
+        estimator.fold_micro_batch()
+    estimator.end_step()
 
-    fisher = callback._running / (1 - callback.ema_decay)
+    fisher = estimator._running / (1 - estimator.ema_decay)
     torch.testing.assert_close(fisher, expected, rtol=1e-4, atol=0)
-    assert callback._num_updates.item() == 1
+    assert estimator._num_updates.item() == 1
 
 
 class _GradientSpy(TrainerCallback):
@@ -200,13 +200,13 @@ def test_after_warmup_no_hook_fires_and_frozen_weights_stay_frozen(tmp_path, mon
     lora_before = [matrix.lora_A.detach().clone() for matrix in matrices]
 
     steps_at_hook_calls = []
-    original_hook = FisherWarmupCallback._output_grad_hook
+    original_hook = FisherEstimator._output_grad_hook
 
     def spying_hook(self, *args):
         steps_at_hook_calls.append(trainer.state.global_step)
         return original_hook(self, *args)
 
-    monkeypatch.setattr(FisherWarmupCallback, "_output_grad_hook", spying_hook)
+    monkeypatch.setattr(FisherEstimator, "_output_grad_hook", spying_hook)
     spy = _GradientSpy([matrix.base_weight for matrix in matrices])
     trainer = SequentialFWLoraTrainer(
         model=model, args=training_args(tmp_path, max_steps=6), train_dataset=dataset, fw_args=fw_args, callbacks=[spy]
@@ -232,7 +232,7 @@ def test_training_shorter_than_warmup_freezes_at_the_end(tmp_path):
     with pytest.warns(UserWarning, match="before the FW-LoRA warm-up"):
         trainer = train(tmp_path, model, fw_args, TokenDataset(), max_steps=3)
     assert trainer.fisher_callback.frozen and trainer.fisher_callback.frozen_at_step == 3
-    assert trainer.fisher_callback._num_updates.item() == 3
+    assert trainer.fisher_callback.estimator._num_updates.item() == 3
 
 
 def test_zero_warmup_gives_uniform_importances_with_a_warning(tmp_path):

@@ -55,13 +55,14 @@ def test_norm_statistic_with_running_mean_while_training(tmp_path):
 
 
 class _SnapshotAtFirstStep(TrainerCallback):
-    """Copies the trainable parameters when the first training step begins (after any calibration)."""
+    """Copies the trainable parameters in the first training step, right before its optimizer update (so after the
+    calibration, which runs before that step's first forward pass)."""
 
     def __init__(self, model):
         self.model = model
         self.snapshot = None
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.snapshot is None:
             self.snapshot = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 

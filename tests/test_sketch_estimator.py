@@ -6,21 +6,20 @@ from conftest import TokenDataset, lora_model, training_args
 from scipy.stats import spearmanr
 from test_fisher_callback import SequentialFWLoraTrainer, reference_sq_grad_norms, rows
 
-from fw_trainer import FisherWarmupCallback
+from fw_trainer import FisherEstimator
 
 
 def sketched_steps(model, batch, num_steps: int, probes: int) -> torch.Tensor:
     """The running mean of `num_steps` independent sketches of the same micro-batch."""
-    callback = FisherWarmupCallback(warmup_steps=num_steps, estimator="sketch", sketch_probes=probes, average="mean")
-    callback._setup(model)
-    callback._install_hooks()
+    estimator = FisherEstimator(model, estimator="sketch", sketch_probes=probes, average="mean")
+    estimator.start()
     model.train()
     for _ in range(num_steps):
-        callback.scale_probe(model(**batch).loss).backward()
-        callback._fold_micro_batch()
-        callback._end_optimizer_step()
+        estimator.loss_to_backpropagate(model(**batch).loss).backward()
+        estimator.fold_micro_batch()
+        estimator.end_step()
     model.zero_grad(set_to_none=True)
-    return callback._running
+    return estimator._running
 
 
 @pytest.mark.parametrize(
@@ -67,17 +66,15 @@ def test_one_sketch_reproduced_by_hand():
     dataset = TokenDataset(size=8)
     model, _ = lora_model()
     batch = rows(dataset, 0, 8)
-    callback = FisherWarmupCallback(warmup_steps=1, estimator="sketch", sketch_probes=4, average="mean")
-    callback._probe_seed = 123
-    callback._setup(model)
-    callback._install_hooks()
+    estimator = FisherEstimator(model, estimator="sketch", sketch_probes=4, average="mean", seed=123)
+    estimator.start()
     model.train()
     loss = model(**batch).loss
-    assert sorted(callback._probes) == [32, 48]  # two draws for 12 matrices
-    callback.scale_probe(loss).backward()
-    callback._fold_micro_batch()
-    callback._end_optimizer_step()
-    callback._remove_hooks()
+    assert sorted(estimator._probes) == [32, 48]  # two draws for 12 matrices
+    estimator.loss_to_backpropagate(loss).backward()
+    estimator.fold_micro_batch()
+    estimator.end_step()
+    estimator.stop()
     model.zero_grad(set_to_none=True)
 
     captured = []
@@ -86,7 +83,7 @@ def test_one_sketch_reproduced_by_hand():
         output.retain_grad()
         captured.append((args[0].detach().reshape(-1, args[0].shape[-1]), output))
 
-    handles = [matrix.layer.register_forward_hook(keep) for matrix in callback.matrices]
+    handles = [matrix.layer.register_forward_hook(keep) for matrix in estimator.matrices]
     model(**batch).loss.backward()
     for handle in handles:
         handle.remove()
@@ -98,4 +95,4 @@ def test_one_sketch_reproduced_by_hand():
             for x, out in captured
         ]
     )
-    torch.testing.assert_close(callback._running, expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(estimator._running, expected, rtol=1e-5, atol=0)
