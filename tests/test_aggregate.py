@@ -8,6 +8,7 @@ import yaml
 
 from fw_trainer.study.aggregate import aggregate_study, main
 from fw_trainer.study.config import StudyConfig
+from fw_trainer.study.figures import FROZEN_MARK_LABEL, training_curves_figure
 from fw_trainer.study.run_metrics import METRICS_FILE, collect_run_metrics
 
 
@@ -47,7 +48,7 @@ def fabricate_run(run_dir, method: str, seed: int) -> None:
     write_json(run_dir / "delta_weight_norms.json", {name: 1.0 + i + seed for i, name in enumerate(NAMES)})
     if method == "fw":
         modules = {name: {"importance": (i + 1) / 10} for i, name in enumerate(NAMES)}
-        write_json(run_dir / "fw_importance.json", {"frozen": True, "modules": modules})
+        write_json(run_dir / "fw_importance.json", {"frozen": True, "frozen_at_step": 4, "modules": modules})
     rows = [f"{i}\t{label}\t{pred}" for i, (label, pred) in enumerate(zip(LABELS, predictions(method, seed)))]
     (run_dir / "eval_predictions_sst2.tsv").write_text("index\tlabel\tprediction\n" + "\n".join(rows) + "\n")
 
@@ -136,3 +137,25 @@ def test_partial_study_is_marked_and_an_empty_one_is_an_error(study, tmp_path, c
     empty.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "none"), "results_dir": "r", "axes": {"seed": [0]}}))
     assert main([str(empty)]) == 2
     assert "No finished run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, frozen_at_step", [("iw_lora", 0), ("fw_lora", 4), ("lora", None)])
+def test_curves_mark_the_step_each_run_froze_its_importances(method, frozen_at_step, tmp_path):
+    """The mark comes from the run's own `fw_importance.json`, not from the study's `fw_warmup_steps`: IW-LoRA freezes
+    at step 0 (its calibration runs before the first step), FW-LoRA after its warm-up, LoRA never."""
+    run_dir = tmp_path / method
+    fabricate_run(run_dir, "lora", 0)
+    if frozen_at_step is not None:
+        modules = {name: {"importance": 0.25} for name in NAMES}
+        write_json(
+            run_dir / "fw_importance.json", {"frozen": True, "frozen_at_step": frozen_at_step, "modules": modules}
+        )
+    extra = {"run": method, "labels": {}, "args": {"method": method, "fw_warmup_steps": 200}}
+    metrics = collect_run_metrics(str(run_dir), "sst2", extra)
+    assert metrics["frozen_at_step"] == frozen_at_step
+
+    figure = training_curves_figure(metrics, method)
+    marks = [
+        list(line.get_xdata()) for ax in figure.axes for line in ax.lines if line.get_label() == FROZEN_MARK_LABEL
+    ]
+    assert marks == ([] if frozen_at_step is None else [[frozen_at_step] * 2] * 2)  # on the loss and the metric panel

@@ -10,9 +10,10 @@ import math
 import pytest
 import torch
 from conftest import TokenDataset, lora_model, training_args
-from test_run_glue_fw import common, glue_dir, read_json, run, run_glue_fw, tiny_model_dir  # noqa: F401 (fixtures)
+from test_run_glue_fw import common, glue_dir, read_json, run, tiny_model_dir  # noqa: F401 (fixtures)
 
 from fw_trainer import FWLoraTrainer
+from fw_trainer.run_artifacts import peak_memory_mb, reset_peak_memory
 
 
 def fisher_and_importances(output_dir) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,8 +140,8 @@ def test_peak_memory_is_read_from_the_device_the_run_trains_on(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args: 0)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *args: None)
-    run_glue_fw.reset_peak_memory(torch.device("cpu"))
-    value, kind = run_glue_fw.peak_memory_mb(torch.device("cpu"))
+    reset_peak_memory(torch.device("cpu"))
+    value, kind = peak_memory_mb(torch.device("cpu"))
     assert kind == "cpu_max_rss" and value > 0
 
 

@@ -28,7 +28,7 @@ def test_every_run_of_every_study_parses(path, monkeypatch):
     for run_ in config.runs():
         argv = ([config.base_config] if config.base_config else []) + to_argv(run_.args)
         # --use_cpu: the GPU studies ask for bf16, which TrainingArguments refuses on a CPU-only machine.
-        _, _, fw_args, _, training_args, _ = run_glue_fw.parse_args([*argv, "--output_dir", "x", "--use_cpu", "true"])
+        _, _, fw_args, _, training_args = run_glue_fw.parse_args([*argv, "--output_dir", "x", "--use_cpu", "true"])
         for key, value in run_.args.items():
             parsed = getattr(fw_args, key, getattr(training_args, key, None))
             if key in ("method", "seed", "fw_lambda", "fw_normalization", "fw_penalty", "fw_warmup_steps"):

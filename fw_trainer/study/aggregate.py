@@ -24,6 +24,7 @@ import numpy as np
 
 from ..glue.data import GLUE_LABEL_NAMES
 from ..heatmap import heatmap_figure
+from ..run_artifacts import EVAL_PREDICTIONS_FILE
 from .config import SEED_AXIS, StudyConfig, StudyConfigError
 from .figures import bar_chart_figure, confusion_matrix_figure, save_figure, training_curves_figure
 from .run_metrics import METRICS_FILE, write_json_atomic
@@ -93,7 +94,7 @@ def load_eval_predictions(run: dict) -> Optional[np.ndarray]:
     one), else the first; `None` for a regression (STS-B) or a run without predictions."""
     if GLUE_LABEL_NAMES.get(run["task_name"], ()) is None:  # STS-B: a regression, no right or wrong
         return None
-    preferred = f"eval_predictions_{run['task_name']}.tsv"
+    preferred = EVAL_PREDICTIONS_FILE.format(task=run["task_name"])
     files = [preferred] if preferred in run["eval_predictions"] else run["eval_predictions"][:1]
     if not files:
         return None
@@ -244,9 +245,9 @@ def study_figures(runs: list[dict], groups: list[dict], config: StudyConfig, fig
 
 
 def run_figures(metrics: dict, out_dir: str) -> list[str]:
-    """A run's training curves and, for a classification task, its dev confusion matrix."""
-    warmup = metrics["args"].get("fw_warmup_steps") if metrics.get("importances") else None
-    paths = save_figure(training_curves_figure(metrics, metrics["run"], warmup), os.path.join(out_dir, "curves"))
+    """A run's training curves (with the step its importances froze at) and, for a classification task, its dev
+    confusion matrix."""
+    paths = save_figure(training_curves_figure(metrics, metrics["run"]), os.path.join(out_dir, "curves"))
     names = GLUE_LABEL_NAMES.get(metrics["task_name"])
     table = load_eval_predictions(metrics) if names else None
     if table is not None:

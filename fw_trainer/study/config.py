@@ -92,7 +92,7 @@ class StudyConfig:
             raise StudyConfigError(f"{path}: unknown key(s) {unknown}; a study file has {sorted(known)}.")
         for key in ("output_dir", "results_dir", "axes"):
             if not raw.get(key):
-                raise StudyConfigError(f"{path} has no `{key}`: see the example in fw_trainer/study_config.py.")
+                raise StudyConfigError(f"{path} has no `{key}`: see the example in fw_trainer/study/config.py.")
         here = os.path.dirname(os.path.abspath(path))
         base_config = raw.get("base_config")
         if base_config is not None and not os.path.isfile(base_config):

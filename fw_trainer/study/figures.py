@@ -11,6 +11,10 @@ import numpy as np
 from matplotlib.figure import Figure
 
 
+# The label of the vertical line at the step a run's importances froze.
+FROZEN_MARK_LABEL = "importances frozen"
+
+
 def save_figure(figure: Figure, path_stem: str) -> list[str]:
     """Saves `figure` as `<path_stem>.png` (150 dpi) and `<path_stem>.pdf`; returns the two paths."""
     os.makedirs(os.path.dirname(os.path.abspath(path_stem)), exist_ok=True)
@@ -33,8 +37,16 @@ def confusion_matrix_figure(labels: Sequence[int], predictions: Sequence[int], l
     return figure
 
 
-def training_curves_figure(metrics: dict, title: str, warmup_steps: Optional[int] = None) -> Figure:
-    """Train (task) loss and the dev metric against the optimizer step, with the end of the Fisher warm-up marked."""
+def training_curves_figure(metrics: dict, title: str) -> Figure:
+    """
+    Train (task) loss and the dev metric against the optimizer step, with the end of the Fisher warm-up marked.
+
+    Args:
+        metrics (`dict`): A run's `metrics.json` (see [`collect_run_metrics`]): `train_loss_history`, `eval_history`,
+            `metric_name`, and `frozen_at_step`, where the mark goes (the step the run's importances froze at: 0 for
+            IW-LoRA's calibration before the first step; no mark when `None` or absent).
+        title (`str`): The figure's title, e.g. the run's name.
+    """
     figure = Figure(figsize=(8, 3), layout="constrained")
     loss_ax, metric_ax = figure.subplots(1, 2)
     losses = metrics["train_loss_history"]
@@ -44,9 +56,10 @@ def training_curves_figure(metrics: dict, title: str, warmup_steps: Optional[int
     evals = metrics["eval_history"]
     metric_ax.plot([e["step"] for e in evals], [e[name] for e in evals], marker="o")
     metric_ax.set(xlabel="step", ylabel=f"dev {name}")
-    if warmup_steps:
+    frozen_at_step = metrics.get("frozen_at_step")
+    if frozen_at_step is not None:
         for ax in (loss_ax, metric_ax):
-            ax.axvline(warmup_steps, color="grey", linestyle="--", linewidth=1, label="importances frozen")
+            ax.axvline(frozen_at_step, color="grey", linestyle="--", linewidth=1, label=FROZEN_MARK_LABEL)
         loss_ax.legend(fontsize=8)
     figure.suptitle(title, fontsize=10)
     return figure

@@ -8,11 +8,10 @@ import tempfile
 from typing import Any, Optional
 
 from ..glue.metrics import PRIMARY_GLUE_METRIC
+from ..run_artifacts import ALL_RESULTS_FILE, read_run_artifacts
 
 
 METRICS_FILE = "metrics.json"
-
-# The number a GLUE paper reports per task (the first of several): what studies compare and test.
 
 
 def primary_metric(task_name: Optional[str], eval_results: dict[str, Any]) -> str:
@@ -26,16 +25,9 @@ def primary_metric(task_name: Optional[str], eval_results: dict[str, Any]) -> st
     raise ValueError(f"Cannot tell which metric to compare: the eval results hold {sorted(eval_results)}.")
 
 
-def _read_json(path: str) -> Optional[Any]:
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def collect_run_metrics(run_dir: str, task_name: Optional[str], extra: Optional[dict[str, Any]] = None) -> dict:
     """
-    Summarises a finished run directory.
+    Summarises a finished run directory (read with [`read_run_artifacts`]).
 
     Args:
         run_dir (`str`): A `run_glue_fw.py --output_dir` holding `all_results.json` and `trainer_state.json`.
@@ -46,16 +38,18 @@ def collect_run_metrics(run_dir: str, task_name: Optional[str], extra: Optional[
         `dict`: `metric_name`, `final_metric` (the last evaluation), `best_metric` and `best_step` (the best of the
         evaluations during training; an optimistic number, since dev selects and scores), `eval_history` and
         `train_loss_history` (step, epoch, value), `train_runtime`, `train_samples_per_second`,
-        `train_peak_memory_mb` and its kind, the adapter summary, the frozen FW-LoRA importances (or `None`), the
-        end-of-training `‖ΔW‖_F` per matrix (or `None`) and the file names of the dev predictions.
+        `train_peak_memory_mb` and its kind, the adapter summary, the frozen FW-LoRA importances and the step they
+        froze at (`frozen_at_step`: 0 for IW-LoRA's calibration before the first step; both `None` for a method
+        without them), the end-of-training `‖ΔW‖_F` per matrix (or `None`) and the file names of the dev predictions.
 
     Raises:
         `FileNotFoundError`: If the run has not finished (no `all_results.json`).
     """
-    results = _read_json(os.path.join(run_dir, "all_results.json"))
+    artifacts = read_run_artifacts(run_dir)
+    results = artifacts["all_results"]
     if results is None:
-        raise FileNotFoundError(f"{run_dir} holds no all_results.json: the run has not finished.")
-    state = _read_json(os.path.join(run_dir, "trainer_state.json")) or {"log_history": []}
+        raise FileNotFoundError(f"{run_dir} holds no {ALL_RESULTS_FILE}: the run has not finished.")
+    state = artifacts["trainer_state"] or {"log_history": []}
     metric = primary_metric(task_name, results)
     key = f"eval_{metric}"
 
@@ -73,7 +67,8 @@ def collect_run_metrics(run_dir: str, task_name: Optional[str], extra: Optional[
     lower_is_better = metric == "mse"
     best = (min if lower_is_better else max)(eval_history, key=lambda e: e[metric], default=None)
 
-    importance = _read_json(os.path.join(run_dir, "fw_importance.json"))
+    importance = artifacts["importance"]
+    frozen = importance is not None and importance.get("frozen")
     metrics = {
         "task_name": task_name,
         "metric_name": metric,
@@ -86,14 +81,13 @@ def collect_run_metrics(run_dir: str, task_name: Optional[str], extra: Optional[
         "train_samples_per_second": results.get("train_samples_per_second"),
         "train_peak_memory_mb": results.get("train_peak_memory_mb"),
         "train_peak_memory_kind": results.get("train_peak_memory_kind"),
-        "adapter": _read_json(os.path.join(run_dir, "adapter_summary.json")),
+        "adapter": artifacts["adapter_summary"],
         "importances": (
-            {name: entry["importance"] for name, entry in importance["modules"].items()}
-            if importance and importance.get("frozen")
-            else None
+            {name: entry["importance"] for name, entry in importance["modules"].items()} if frozen else None
         ),
-        "delta_weight_norms": _read_json(os.path.join(run_dir, "delta_weight_norms.json")),
-        "eval_predictions": sorted(f for f in os.listdir(run_dir) if f.startswith("eval_predictions_")),
+        "frozen_at_step": importance["frozen_at_step"] if frozen else None,
+        "delta_weight_norms": artifacts["delta_weight_norms"],
+        "eval_predictions": artifacts["eval_predictions"],
     }
     metrics.update(extra or {})
     return metrics

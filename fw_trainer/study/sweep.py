@@ -23,6 +23,7 @@ from typing import Optional
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..cli_args import to_argv
+from ..run_artifacts import is_finished_run
 from .config import StudyConfig, StudyConfigError, StudyRun
 from .run_metrics import METRICS_FILE, collect_run_metrics, write_json_atomic
 
@@ -50,8 +51,7 @@ def run_command(config: StudyConfig, run: StudyRun) -> list[str]:
     if config.base_config:
         argv.append(config.base_config)
     argv += to_argv(run.args) + ["--output_dir", output_dir]
-    finished = os.path.isfile(os.path.join(output_dir, "all_results.json"))
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not finished:
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not is_finished_run(output_dir):
         if get_last_checkpoint(output_dir) is None:
             # A crash before the first checkpoint left nothing to resume from (and no result): start again.
             argv += ["--overwrite_output_dir", "true"]
@@ -155,7 +155,7 @@ class Sweep:
 
     def _run_once(self, run: StudyRun, environment: dict[str, str]) -> bool:
         output_dir = run_dir(self.config, run)
-        if not os.path.isfile(os.path.join(output_dir, "all_results.json")):
+        if not is_finished_run(output_dir):
             command = run_command(self.config, run)
             log = log_path(self.config, run)
             os.makedirs(os.path.dirname(log), exist_ok=True)
@@ -199,7 +199,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("study", help="The study YAML file (see fw_trainer/study_config.py).")
+    parser.add_argument("study", help="The study YAML file (see fw_trainer/study/config.py).")
     parser.add_argument("--parallel", type=int, default=1, help="Runs at a time: one GPU each, or a share of CPUs.")
     parser.add_argument("--max_retries", type=int, default=1, help="Extra attempts for a run that fails.")
     parser.add_argument("--dry_run", action="store_true", help="Print each run's command and state; run nothing.")
