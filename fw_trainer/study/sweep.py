@@ -2,11 +2,18 @@
 Runs every cell of a study (see `fw_trainer.study.config`) with `run_glue_fw.py`, then aggregates the results.
 
     python -m fw_trainer.study.sweep configs/studies/cpu_minilm.yaml [--parallel N] [--dry_run]
+    python -m fw_trainer.study.sweep configs/studies/roberta_base_glue.yaml --parallel 6 --runs_per_gpu 3  # 2 GPUs
 
 Resumable: a run whose `metrics.json` exists is skipped; a run that stopped with checkpoints resumes from the last one;
 a run that crashed before any checkpoint starts again (its log is kept, appended to). `metrics.json` is the last file
 a run gets and is written atomically, so an interrupted sweep never leaves a half-written result. Each run's output
-goes to `<output_dir>/logs/<run>.log`; the screen shows which run, how many are left and the estimated time to go.
+goes to `<output_dir>/logs/<run>.log`; the screen shows which run, how many are left and the estimated time to go,
+and at the end the runs per hour on the slot layout used, to compare one run per GPU with several.
+
+`--runs_per_gpu K` puts up to K runs on each GPU (`fw_trainer/study/slots.py`), once they fit in its free memory:
+by `--run_memory_gb`, or by the peak a finished run of the study measured; refused before anything starts when they
+do not. With neither estimate, the sweep starts one run per GPU and opens the other slots, as many as fit, once the
+first run has reported its peak.
 """
 
 import argparse
@@ -26,6 +33,7 @@ from ..cli_args import to_argv
 from ..run_artifacts import is_finished_run
 from .config import StudyConfig, StudyConfigError, StudyRun
 from .run_metrics import METRICS_FILE, collect_run_metrics, write_json_atomic
+from .slots import SlotLayout, fitting_runs_per_gpu, measured_peak_gb, plan_runs_per_gpu
 
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,45 +66,56 @@ def run_command(config: StudyConfig, run: StudyRun) -> list[str]:
     return argv
 
 
-def device_environments(parallel: int) -> list[dict[str, str]]:
-    """
-    The extra environment of each of `parallel` worker slots: one GPU each (`CUDA_VISIBLE_DEVICES`) when there are
-    GPUs, else an equal share of the CPU cores (`OMP_NUM_THREADS`).
-    """
-    import torch
-
-    if torch.cuda.is_available():
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-        if parallel > len(devices):
-            raise StudyConfigError(
-                f"--parallel {parallel} needs {parallel} GPUs but {len(devices)} are visible: use --parallel "
-                f"{len(devices)} or fewer (each run gets a whole GPU)."
-            )
-        return [{"CUDA_VISIBLE_DEVICES": devices[slot]} for slot in range(parallel)]
-    threads = max(1, (os.cpu_count() or 1) // parallel)
-    return [{"OMP_NUM_THREADS": str(threads)} for _ in range(parallel)]
-
-
 class Sweep:
-    """Runs the unfinished cells of a study, `parallel` at a time, and reports progress."""
+    """
+    Runs the unfinished cells of a study, `parallel` at a time, and reports progress and runs per hour.
 
-    def __init__(self, config: StudyConfig, parallel: int = 1, max_retries: int = 1):
+    Args:
+        config (`StudyConfig`): The study.
+        parallel (`int`): Runs at a time.
+        max_retries (`int`): Extra attempts for a run that fails.
+        runs_per_gpu (`int`): The most runs on one GPU (see [`SlotLayout`]); several only once they fit in memory.
+        run_memory_gb (`float`, *optional*): One run's peak GPU memory, in GiB, for that check; by default what the
+            study's finished runs measured, or else what the first run measures (one run per GPU until then).
+
+    Raises:
+        `StudyConfigError`: If `parallel` needs more GPUs than are visible, or the runs per GPU do not fit.
+    """
+
+    def __init__(
+        self,
+        config: StudyConfig,
+        parallel: int = 1,
+        max_retries: int = 1,
+        runs_per_gpu: int = 1,
+        run_memory_gb: Optional[float] = None,
+    ):
         self.config = config
         self.parallel = parallel
         self.max_retries = max_retries
+        self.layout = SlotLayout.plan(parallel, runs_per_gpu)
+        run_dirs = [run_dir(config, run) for run in config.runs()]
+        self._memory, self.runs_per_gpu, self.memory_report = plan_runs_per_gpu(self.layout, run_dirs, run_memory_gb)
+        # Waiting for a run's measured peak before putting more runs on a GPU.
+        self._measuring = self.runs_per_gpu < self.layout.runs_per_gpu
         self._processes: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
         self._durations: list[float] = []
         self._stopping = False
+
+    def describe(self) -> list[str]:
+        """The slot layout and the memory check, as printed before the runs start."""
+        return [f"Slots: {self.layout.describe(self.runs_per_gpu)}"] + self.memory_report
 
     def run(self) -> list[StudyRun]:
         """Runs what is left; returns the runs that still failed after their retries."""
         runs = self.config.runs()
         todo = [run for run in runs if not is_finished(self.config, run)]
         print(
-            f"Study {self.config.path}: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run "
-            f"({self.parallel} at a time). Logs: {os.path.join(self.config.output_dir, 'logs')}",
+            f"Study {self.config.path}: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run. "
+            f"Logs: {os.path.join(self.config.output_dir, 'logs')}",
+            *self.describe(),
+            sep="\n",
             flush=True,
         )
         failed, start = [], time.time()
@@ -107,14 +126,18 @@ class Sweep:
                 # Before the pool waits for its workers, which wait for their runs.
                 self.terminate()
                 raise
+        hours, finished = (time.time() - start) / 3600, len(todo) - len(failed)
+        # Runs per hour of wall time with the layout they ran on: two sweeps, one and several runs per GPU, compare.
         print(
-            f"Sweep done in {(time.time() - start) / 60:.1f} min: {len(todo) - len(failed)} ran, {len(failed)} failed."
+            f"Sweep done in {hours * 60:.1f} min ({hours:.2f} h): {finished} ran, {len(failed)} failed: "
+            f"{finished / max(hours, 1e-9):.1f} runs/h on {self.layout.describe(self.runs_per_gpu)}."
         )
         return failed
 
     def _run_all(self, todo: list[StudyRun], pool: ThreadPoolExecutor) -> list[StudyRun]:
-        slots = device_environments(self.parallel)
-        free_slots, queue, pending, failed = list(range(self.parallel)), list(todo), {}, []
+        slots = self.layout.environments
+        free_slots = list(range(self.layout.slots(self.runs_per_gpu)))
+        queue, pending, failed = list(todo), {}, []
         while queue or pending:
             while queue and free_slots:
                 run, slot = queue.pop(0), free_slots.pop(0)
@@ -133,13 +156,27 @@ class Sweep:
                     failed.append(run)
                 status = "finished" if ok else f"FAILED (see {log_path(self.config, run)})"
                 print(f"    {run.name}: {status} in {seconds / 60:.1f} min", flush=True)
+                if ok and self._measuring:
+                    free_slots += self._open_slots_if_they_fit(run)
         return failed
+
+    def _open_slots_if_they_fit(self, run: StudyRun) -> list[int]:
+        """Once a run has measured its peak GPU memory: the slots that fit beside the one run per GPU so far."""
+        peak = measured_peak_gb([run_dir(self.config, run)])
+        if peak is None:  # a run on the CPU (`--use_cpu`) measures no GPU memory: wait for another
+            return []
+        self._measuring = False
+        fitting, lines = fitting_runs_per_gpu(self.layout, self._memory, peak, f"as measured by {run.name}")
+        opened = range(self.layout.slots(self.runs_per_gpu), self.layout.slots(max(1, fitting)))
+        self.runs_per_gpu = max(1, fitting)
+        print(*lines, f"-> {self.layout.describe(self.runs_per_gpu)}", sep="\n", flush=True)
+        return list(opened)
 
     def _eta(self, remaining: int) -> str:
         if not self._durations:
             return "ETA after the first run"
         mean = sum(self._durations) / len(self._durations)
-        return f"ETA {remaining * mean / self.parallel / 60:.0f} min"
+        return f"ETA {remaining * mean / self.layout.slots(self.runs_per_gpu) / 60:.0f} min"
 
     def _run_with_retries(self, run: StudyRun, environment: dict[str, str]) -> tuple[bool, float]:
         start = time.time()
@@ -200,21 +237,46 @@ def main(argv: Optional[list[str]] = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("study", help="The study YAML file (see fw_trainer/study/config.py).")
-    parser.add_argument("--parallel", type=int, default=1, help="Runs at a time: one GPU each, or a share of CPUs.")
+    parser.add_argument("--parallel", type=int, default=1, help="Runs at a time: on the GPUs, or a share of CPUs.")
+    parser.add_argument(
+        "--runs_per_gpu",
+        type=int,
+        default=1,
+        help="The most runs on one GPU (slots go round-robin over the GPUs); several only if they fit in its memory.",
+    )
+    parser.add_argument(
+        "--run_memory_gb",
+        type=float,
+        default=None,
+        help="One run's peak GPU memory in GiB, to check --runs_per_gpu against (default: a finished run's measured "
+        "peak, or else the first run's).",
+    )
     parser.add_argument("--max_retries", type=int, default=1, help="Extra attempts for a run that fails.")
-    parser.add_argument("--dry_run", action="store_true", help="Print each run's command and state; run nothing.")
+    parser.add_argument(
+        "--dry_run", action="store_true", help="Print each run's command and state, the slots and the memory check."
+    )
     parser.add_argument("--no_aggregate", action="store_true", help="Skip the aggregation after the sweep.")
     args = parser.parse_args(argv)
     try:
-        if args.parallel < 1 or args.max_retries < 0:
-            raise StudyConfigError("--parallel must be at least 1 and --max_retries at least 0.")
+        if args.parallel < 1 or args.runs_per_gpu < 1 or args.max_retries < 0:
+            raise StudyConfigError("--parallel and --runs_per_gpu must be at least 1 and --max_retries at least 0.")
+        if args.run_memory_gb is not None and args.run_memory_gb <= 0:
+            raise StudyConfigError(f"--run_memory_gb should be a positive number of GiB, not {args.run_memory_gb}.")
         config = StudyConfig.from_yaml(args.study)
         if args.dry_run:
             for run in config.runs():
                 state = "finished" if is_finished(config, run) else "to run"
                 print(f"{run.name} [{state}]: {shlex.join(run_command(config, run))}")
+        sweep = Sweep(
+            config,
+            parallel=args.parallel,
+            max_retries=args.max_retries,
+            runs_per_gpu=args.runs_per_gpu,
+            run_memory_gb=args.run_memory_gb,
+        )
+        if args.dry_run:
+            print(*sweep.describe(), sep="\n")
             return 0
-        sweep = Sweep(config, parallel=args.parallel, max_retries=args.max_retries)
     except StudyConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
