@@ -37,10 +37,12 @@ def train_fw_lora(model, dataloader, num_epochs=3, learning_rate=2e-4, warmup_st
     importances = normalize_importances(estimator.fisher)
     penalty = FisherWeightedPenalty(estimator.matrices, 1 - importances)
 
-    # 3. FW-LoRA: the remaining steps with the penalty.
+    # 3. FW-LoRA: the remaining steps with the penalty. `penalty.backward(λ)` adds λ ∇R to the LoRA gradients from the
+    # analytic gradient, a few kernels per distinct shape (`loss + fw_lambda * penalty()` would give the same gradient
+    # through autograd, with one more kernel per LoRA tensor). Call it after the backward pass, before any clipping.
     for batch in batches:
-        loss = model(**batch).loss + fw_lambda * penalty()
-        accelerator.backward(loss)
+        accelerator.backward(model(**batch).loss)
+        penalty.backward(fw_lambda)
         optimizer.step()
         optimizer.zero_grad()
     return {matrix.name: importance for matrix, importance in zip(estimator.matrices, importances.tolist())}

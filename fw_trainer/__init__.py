@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .adalora_callback import AdaLoraAllocationCallback
 from .adapted_matrices import AdaptedMatrix, find_adapted_matrices
 from .arguments import FWLoraArguments
+from .compile_stats import compile_stats, reset_compile_stats
 from .fisher_callback import FisherWarmupCallback
 from .fisher_estimator import FisherEstimator
 from .importance import bias_corrected, ema_update, normalize_importances
@@ -24,9 +25,11 @@ __all__ = [
     "FisherWeightedPenalty",
     "bias_corrected",
     "build_peft_model",
+    "compile_stats",
     "ema_update",
     "find_adapted_matrices",
     "normalize_importances",
     "rank_for_budget",
+    "reset_compile_stats",
     "resolve_target_modules",
 ]

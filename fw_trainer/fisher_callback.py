@@ -39,8 +39,8 @@ class FisherWarmupCallback(TrainerCallback):
         statistic (`str`, *optional*, defaults to `"sq_norm"`): `"sq_norm"` (`‖∇W‖²`) or `"norm"` (`‖∇W‖`).
         average (`str`, *optional*, defaults to `"ema"`): `"ema"` or `"mean"`.
         power (`float`, *optional*, defaults to `1.0`): Exponent β of the penalty weights `(1 − I)^β`.
-        estimator (`str`, *optional*, defaults to `"exact"`):
-            `"exact"` or `"sketch"`; the sketch's probes come from a generator of its own seeded with `args.seed`.
+        estimator (`str`, *optional*, defaults to `"auto"`):
+            `"auto"`, `"exact"` or `"sketch"` (see [`FisherEstimator`]); the sketch's probes come from a generator of its own seeded with `args.seed`.
         sketch_probes (`int`, *optional*, defaults to `8`): Number `k` of probes of the sketch.
         warmup_mode (`str`, *optional*, defaults to `"train"`):
             `"train"`: measure during the first K training steps. `"calibrate"`: the trainer measures in a calibration
@@ -56,7 +56,7 @@ class FisherWarmupCallback(TrainerCallback):
         statistic: str = "sq_norm",
         average: str = "ema",
         power: float = 1.0,
-        estimator: str = "exact",
+        estimator: str = "auto",
         sketch_probes: int = 8,
         warmup_mode: str = "train",
         adapter_name: str = "default",
@@ -142,6 +142,11 @@ class FisherWarmupCallback(TrainerCallback):
         if state.global_step >= self.warmup_steps:
             self.freeze(args, state)
         else:
+            logger.info(
+                "FW-LoRA warm-up: %d optimizer steps, %s Fisher estimator.",
+                self.warmup_steps,
+                self.estimator.estimator,
+            )
             self.estimator.start()
 
     def on_substep_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):

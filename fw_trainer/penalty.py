@@ -2,6 +2,7 @@
 
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Union
 
 import torch
 
@@ -18,6 +19,17 @@ class FisherWeightedPenalty:
     `B A` (`d_out × d_in`) is never formed: `‖B A‖_F² = tr((BᵀB)(A Aᵀ)) = Σ (BᵀB) ⊙ (A Aᵀ)` needs two `r × r` Gram
     matrices. Matrices with the same shapes are stacked and handled by one batched kernel each, so one call costs
     O(number of distinct shapes) kernels, not O(number of matrices) (roberta-base: 3 groups for 72 matrices).
+
+    Two ways to use it:
+
+    - `penalty()`: `R` as a differentiable scalar, to add to a loss (any training loop; autograd then adds one
+      gradient accumulation per LoRA tensor, 144 small kernels on roberta-base);
+    - `penalty.backward(scale)`: adds `scale · ∇R` straight into the LoRA tensors' `.grad`, from the analytic gradient
+      (`∂P/∂A = 2 s² BᵀB A`, `∂P/∂B = 2 s² B A Aᵀ`), with one `torch._foreach_add_` per group: about a dozen kernels
+      per distinct shape, forward and backward together, whatever the number of matrices. It returns `R`. Since `R`
+      does not depend on the data, its gradient is added once per optimizer step, after the last micro-batch's
+      backward pass (and, with DDP, after the all-reduce: every process adds the same gradient). `FWLoraTrainer`
+      uses this path.
 
     Args:
         matrices (`Sequence[AdaptedMatrix]`): The adapted matrices.
@@ -58,14 +70,63 @@ class FisherWeightedPenalty:
         total = None
         with autocast_disabled(self._groups[0][0][0].device):
             for a_params, b_params, coefficients in self._groups:
-                a = torch.stack(a_params).float()  # (G, r, d_in)
-                b = torch.stack(b_params).float()  # (G, d_out, r)
+                group_total = torch.dot(coefficients, self._terms(a_params, b_params)[-1])
+                total = group_total if total is None else total + group_total
+        return total
+
+    def _terms(self, a_params: list[torch.Tensor], b_params: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """One group's stacked factors `A` `(G, r, d_in)` and `B` `(G, d_out, r)` in fp32, and for the exact penalty
+        their Gram matrices `A Aᵀ` and `BᵀB` `(G, r, r)` (else `None`), and `P_m` per matrix `(G,)`."""
+        a = torch.stack(a_params).float()
+        b = torch.stack(b_params).float()
+        if self.penalty == "delta":
+            gram_a = torch.bmm(a, a.transpose(1, 2))
+            gram_b = torch.bmm(b.transpose(1, 2), b)
+            return a, b, gram_a, gram_b, (gram_a * gram_b).sum(dim=(1, 2))
+        return a, b, None, None, a.square().sum(dim=(1, 2)) + b.square().sum(dim=(1, 2))
+
+    @torch.no_grad()
+    def backward(self, scale: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
+        r"""
+        Adds `scale · ∇R` into the `.grad` of every LoRA tensor (as `(scale · R).backward()` would, without autograd)
+        and returns `R`, detached, in fp32.
+
+        Per distinct shape: two stacks, two `r × r` Gram matrices, `R`'s share, the two gradients as batched products
+        with the Gram matrices, and one `torch._foreach_add_` per factor. Everything stays on the parameters' device in
+        fp32 (outside autocast); nothing is read back to the host.
+
+        Args:
+            scale (`float` or `torch.Tensor`, *optional*, defaults to `1.0`):
+                The factor of the gradient: `λ`, times whatever scales the rest of the gradient (an fp16 loss scale, a
+                0-dim tensor, is welcome: no host read).
+        """
+        total = None
+        with autocast_disabled(self._groups[0][0][0].device):
+            for a_params, b_params, coefficients in self._groups:
+                a, b, gram_a, gram_b, per_matrix = self._terms(a_params, b_params)
+                # d/dX of c·P(X) is 2c times the factor below, per matrix: `c` broadcast over each matrix.
+                twice_scaled = (coefficients * (2 * scale)).view(-1, 1, 1)
                 if self.penalty == "delta":
-                    gram_a = torch.bmm(a, a.transpose(1, 2))  # A Aᵀ, (G, r, r)
-                    gram_b = torch.bmm(b.transpose(1, 2), b)  # BᵀB, (G, r, r)
-                    per_matrix = (gram_a * gram_b).sum(dim=(1, 2))
+                    grad_a = torch.bmm(gram_b * twice_scaled, a)  # 2c BᵀB A
+                    grad_b = torch.bmm(b, gram_a * twice_scaled)  # 2c B A Aᵀ
                 else:
-                    per_matrix = a.pow(2).sum(dim=(1, 2)) + b.pow(2).sum(dim=(1, 2))
+                    grad_a, grad_b = a * twice_scaled, b * twice_scaled
+                _accumulate_grads(a_params, grad_a)
+                _accumulate_grads(b_params, grad_b)
                 group_total = torch.dot(coefficients, per_matrix)
                 total = group_total if total is None else total + group_total
         return total
+
+
+def _accumulate_grads(params: list[torch.Tensor], stacked: torch.Tensor) -> None:
+    """`p.grad += stacked[i]` for every parameter, in one multi-tensor kernel (a parameter without a gradient yet gets
+    one)."""
+    grads = stacked.to(params[0].dtype).unbind(0)
+    if all(p.grad is not None for p in params):
+        torch._foreach_add_([p.grad for p in params], grads)
+        return
+    for param, grad in zip(params, grads):
+        if param.grad is None:
+            param.grad = grad.clone()
+        else:
+            param.grad.add_(grad)

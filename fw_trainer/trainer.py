@@ -13,6 +13,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .adalora_callback import AdaLoraAllocationCallback
 from .arguments import FWLoraArguments
+from .compile_stats import compile_stats
 from .fisher_callback import FisherWarmupCallback
 from .penalty import FisherWeightedPenalty
 
@@ -30,13 +31,15 @@ class FWLoraTrainer(Trainer):
     [`~transformers.Trainer`] for Fisher-weighted LoRA. The only changes w.r.t. `Trainer` are:
 
     - `compute_loss` routes the task loss through the Fisher estimator during the warm-up (so its hooks can undo the
-      loss scaling), and once the importances are frozen adds `λ Σ_m (1 − I_m)^β ‖ΔW_m‖²` in training mode (methods
-      `fw_lora` and `iw_lora`); it records `task_loss`, `fw_penalty` (`Σ (1 − I) ‖ΔW‖²`) and `fw_weighted_penalty`
-      (`λ` times it);
-    - `training_step`: with `fw_warmup_mode="calibrate"` (IW-LoRA) the first one runs the calibration before it: K
-      steps of forward/backward passes that update nothing, measured by the estimator, then the freeze;
+      loss scaling) and records `task_loss`;
+    - `training_step`: once the importances are frozen (methods `fw_lora` and `iw_lora`), the last micro-batch of
+      every optimizer step adds the gradient of `λ Σ_m (1 − I_m)^β ‖ΔW_m‖²` to the LoRA gradients, analytically, and
+      the term to the reported loss; it records `fw_penalty` (`Σ (1 − I) ‖ΔW‖²`) and `fw_weighted_penalty` (`λ` times
+      it). With `fw_warmup_mode="calibrate"` (IW-LoRA) the first one runs the calibration before it: K steps of
+      forward/backward passes that update nothing, measured by the estimator, then the freeze;
     - `log` merges those averages (and AdaLoRA's rank budget, and the frozen importances once) into every report, so
-      they reach TensorBoard and every other integration;
+      they reach TensorBoard and every other integration; with `--torch_compile`, also what the compiler did so far
+      (`compile/graphs`, `compile/graph_breaks`, `compile/recompiles`, see [`compile_stats`]);
     - `save_model` writes `fw_importance.json` into every checkpoint and `train(resume_from_checkpoint=...)` reads
       it back, so a resumed run continues the warm-up or keeps the frozen importances;
     - `loss_is_scaled_for_ga = False`: the loss is a per-micro-batch mean that the Trainer divides by the
@@ -75,6 +78,7 @@ class FWLoraTrainer(Trainer):
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._penalty: Optional[FisherWeightedPenalty] = None
         self._penalty_importances: Optional[torch.Tensor] = None
+        self._penalty_lambda: Optional[torch.Tensor] = None  # λ on the adapters' device, made with the penalty
         self._logged_importances: Optional[torch.Tensor] = None
 
         self.fisher_callback: Optional[FisherWarmupCallback] = None
@@ -139,10 +143,45 @@ class FWLoraTrainer(Trainer):
         inputs: dict[str, Union[torch.Tensor, Any]],
         num_items_in_batch: Optional[Union[torch.Tensor, int]] = None,
     ) -> torch.Tensor:
-        """`Trainer.training_step`; with IW-LoRA's calibration still to run, runs it first (see [`_calibrate`])."""
-        if self.fisher_callback is not None and self.fisher_callback.awaits_calibration:
+        """
+        `Trainer.training_step`; with IW-LoRA's calibration still to run, runs it first (see [`_calibrate`]). Once the
+        importances are frozen, the last micro-batch of each optimizer step adds the penalty's gradient (see
+        [`_add_penalty_gradient`]) and the penalty to the loss it reports.
+        """
+        callback = self.fisher_callback
+        if callback is not None and callback.awaits_calibration:
             self._calibrate(model)
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if callback is not None and callback.frozen and self.fw_args.fw_lambda > 0 and self.accelerator.sync_gradients:
+            loss = loss + self._add_penalty_gradient().to(loss.dtype)
+        return loss
+
+    def _add_penalty_gradient(self) -> torch.Tensor:
+        """
+        Adds `λ ∇R` to the LoRA gradients and returns `λ R`. `R` does not depend on the data, so its gradient is added
+        once per optimizer step, after the last micro-batch's backward pass, through [`FisherWeightedPenalty.backward`]:
+        the analytic gradient, a dozen kernels per distinct shape instead of autograd's graph and one gradient
+        accumulation per LoRA tensor (the step is bound by kernel launches on a GPU). This is the gradient that adding
+        `λ R` to every micro-batch's loss would give: the gradient-accumulation division and the DDP mean of a term
+        equal on every micro-batch and process leave it unchanged. Gradient clipping, which comes next, sees it.
+        """
+        callback = self.fisher_callback
+        # Built once per freeze (a resume or a new model from `model_init` brings new importances).
+        if self._penalty is None or self._penalty_importances is not callback.importances:
+            self._penalty = FisherWeightedPenalty(callback.matrices, callback.penalty_weights, self.fw_args.fw_penalty)
+            self._penalty_importances = callback.importances
+            self._penalty_lambda = callback.penalty_weights.new_tensor(self.fw_args.fw_lambda)
+        scale = self._penalty_lambda
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            # fp16: the task gradients carry the loss scale until the clipping unscales them; so must this one
+            # (`GradScaler.scale` multiplies on the device: no host read).
+            scale = scaler.scale(scale)
+        penalty = self._penalty.backward(scale)
+        weighted = self._penalty_lambda * penalty
+        self._metrics["fw_penalty"].append(penalty)
+        self._metrics["fw_weighted_penalty"].append(weighted)
+        return weighted
 
     def _calibrate(self, model: nn.Module) -> None:
         """
@@ -185,18 +224,6 @@ class FWLoraTrainer(Trainer):
         if callback is not None and callback.is_measuring:
             # Lets the estimator's hooks undo what scales the loss from here on (1 / GA, an fp16 loss scale).
             loss = callback.estimator.loss_to_backpropagate(loss)
-        elif callback is not None and callback.frozen and self.fw_args.fw_lambda > 0:
-            # Built once per freeze (a resume or a new model from `model_init` brings new importances).
-            if self._penalty is None or self._penalty_importances is not callback.importances:
-                self._penalty = FisherWeightedPenalty(
-                    callback.matrices, callback.penalty_weights, self.fw_args.fw_penalty
-                )
-                self._penalty_importances = callback.importances
-            penalty = self._penalty()
-            weighted = self.fw_args.fw_lambda * penalty
-            loss = loss + weighted.to(loss.dtype)
-            self._metrics["fw_penalty"].append(penalty.detach())
-            self._metrics["fw_weighted_penalty"].append(weighted.detach())
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
@@ -209,6 +236,8 @@ class FWLoraTrainer(Trainer):
                 means = self.accelerator.reduce(means, reduction="mean")
                 logs.update(zip(names, means.tolist()))
                 self._metrics.clear()
+            if self.args.torch_compile:
+                logs.update({f"compile/{name}": value for name, value in compile_stats().items()})
             if self.adalora_callback is not None and self.adalora_callback.budget is not None:
                 logs["adalora_total_rank"] = float(self.adalora_callback.budget)
                 logs["adalora_mean_rank"] = self.adalora_callback.budget / self.adalora_callback.num_matrices

@@ -1,0 +1,77 @@
+"""The fast path: `--torch_compile` on the CPU (where compilation works too), against eager training. FW-LoRA's
+warm-up runs eagerly (its hooks would split the graph, and dynamo does not notice hooks going away); afterwards the
+model compiles into the same single graph as LoRA's, with no graph break, and trains to the eager run's losses."""
+
+import pytest
+import torch
+from conftest import TokenDataset, lora_model, training_args
+from transformers import TrainerCallback
+
+from fw_trainer import FWLoraTrainer
+from fw_trainer.compile_stats import compile_stats, reset_compile_stats
+
+
+class CompileStatsPerStep(TrainerCallback):
+    def __init__(self):
+        self.stats = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.stats[state.global_step] = compile_stats()
+
+
+def train(tmp_path, method: str, backend=None, callbacks=(), **fw_kwargs) -> FWLoraTrainer:
+    torch.compiler.reset()
+    reset_compile_stats()
+    model, fw_args = lora_model(method=method, **fw_kwargs)
+    compiled = {"torch_compile": True, "torch_compile_backend": backend} if backend else {}
+    args = training_args(tmp_path / f"{method}-{backend}", max_steps=6, **compiled)
+    trainer = FWLoraTrainer(
+        model=model, args=args, train_dataset=TokenDataset(size=48), fw_args=fw_args, callbacks=list(callbacks)
+    )
+    trainer.train()
+    return trainer
+
+
+def training_logs(trainer: FWLoraTrainer, names=("loss", "task_loss", "fw_penalty")) -> dict[str, list[float]]:
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    return {name: [log[name] for log in logs if name in log] for name in names}
+
+
+FW_LORA = {"fw_warmup_steps": 3, "fw_lambda": 0.1}
+
+
+@pytest.mark.parametrize(
+    "method, backend, fw_kwargs",
+    [
+        ("fw_lora", "inductor", FW_LORA),  # generated C++ kernels: same losses up to rounding
+        ("lora", "aot_eager", {}),
+        ("adalora", "aot_eager", {"adalora_tinit": 1, "adalora_tfinal": 1}),  # the rank allocator reshapes E in place
+    ],
+)
+def test_compiled_training_gives_the_eager_losses(tmp_path, method, backend, fw_kwargs):
+    eager = train(tmp_path, method, **fw_kwargs)
+    compiled = train(tmp_path, method, backend, **fw_kwargs)
+    expected, actual = training_logs(eager), training_logs(compiled)
+    assert len(actual["loss"]) == 6
+    if method == "fw_lora":
+        assert len(actual["fw_penalty"]) == 3
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5)
+    for (name, param), (_, eager_param) in zip(compiled.model.named_parameters(), eager.model.named_parameters()):
+        torch.testing.assert_close(param, eager_param, rtol=1e-4, atol=1e-5, msg=name)
+    assert all(log["compile/graph_breaks"] == 0 for log in compiled.state.log_history if "loss" in log)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "sketch"])
+def test_fw_lora_compiles_once_after_the_warmup_into_one_graph(tmp_path, estimator):
+    per_step = CompileStatsPerStep()
+    trainer = train(tmp_path, "fw_lora", "aot_eager", callbacks=[per_step], fw_estimator=estimator, **FW_LORA)
+    nothing = {"graphs": 0, "graph_breaks": 0, "recompiles": 0}
+    # Warm-up (steps 1-3): eager, nothing compiled; the stance is back to default after the freeze.
+    assert [per_step.stats[step] for step in (1, 2, 3)] == [nothing] * 3
+    assert not trainer.fisher_callback.is_measuring
+    assert torch._dynamo.eval_frame._stance.stance == "default"
+    # Then one graph, no break, reused by the remaining steps.
+    assert per_step.stats[4] == per_step.stats[6] == {"graphs": 1, "graph_breaks": 0, "recompiles": 0}
+    logged = [log["compile/graphs"] for log in trainer.state.log_history if "loss" in log]
+    assert logged == [0, 0, 0, 1, 1, 1]

@@ -1,0 +1,97 @@
+"""Kernel launches per training step, counted on the CPU with the profiler (see `op_counts.py`): on a GPU the step is
+bound by the host launching kernels, so what FW-LoRA adds to a LoRA step must not grow with the number of adapted
+matrices (after the warm-up), and stays at two kernels per matrix during it."""
+
+import pytest
+import torch
+from conftest import TokenDataset, tiny_roberta, training_args
+from op_counts import count_launched_ops, launched_ops
+from transformers import TrainerCallback
+
+from fw_trainer import FisherWeightedPenalty, FWLoraArguments, FWLoraTrainer, build_peft_model, find_adapted_matrices
+
+
+class ProfileStep(TrainerCallback):
+    """Profiles optimizer step `step` (its micro-batches, clipping, optimizer and scheduler steps)."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.counts = None
+        self._profile = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self._profile.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._profile is not None and state.global_step == self.step:
+            self._profile.__exit__(None, None, None)
+            self.counts = launched_ops(self._profile)
+            self._profile = None
+
+
+def step_ops(tmp_path, method: str, layers: int, step: int = 3, **fw_kwargs):
+    model = build_peft_model(tiny_roberta(num_hidden_layers=layers), FWLoraArguments(method=method, **fw_kwargs))[0]
+    profiler = ProfileStep(step)
+    args = training_args(tmp_path / f"{method}-{layers}", max_steps=step, logging_steps=100)
+    fw_args = FWLoraArguments(method=method, **fw_kwargs)
+    FWLoraTrainer(
+        model=model, args=args, train_dataset=TokenDataset(size=32), fw_args=fw_args, callbacks=[profiler]
+    ).train()
+    return profiler.counts
+
+
+def penalty_with_gradients(layers: int) -> FisherWeightedPenalty:
+    model = build_peft_model(tiny_roberta(num_hidden_layers=layers), FWLoraArguments(method="fw_lora"))[0]
+    matrices = find_adapted_matrices(model)
+    for matrix in matrices:
+        for param in (matrix.lora_A, matrix.lora_B):
+            param.grad = torch.zeros_like(param)  # as in training: the task loss's gradient is there already
+    return FisherWeightedPenalty(matrices, torch.rand(len(matrices)))
+
+
+def test_fused_penalty_gradient_launches_the_same_kernels_whatever_the_number_of_matrices():
+    small, large = penalty_with_gradients(2), penalty_with_gradients(4)  # 12 and 24 matrices, 3 shapes each
+    fused = {name: count_launched_ops(lambda p=p: p.backward(0.1)) for name, p in (("small", small), ("large", large))}
+    assert fused["small"] == fused["large"]
+    # Per shape: two stacks, four small bmm, the value, and one multi-tensor add per factor; no per-tensor add.
+    assert sum(fused["large"].values()) <= 15 * large.num_groups
+    assert fused["large"]["aten::_foreach_add_"] == 2 * large.num_groups
+    assert "aten::add_" not in fused["large"]
+    # The counter does see per-tensor work: autograd's path accumulates into each of the 48 more LoRA tensors.
+    autograd = {
+        name: count_launched_ops(lambda p=p: p().backward()) for name, p in (("small", small), ("large", large))
+    }
+    assert autograd["large"]["aten::add_"] - autograd["small"]["aten::add_"] == 24
+
+
+@pytest.mark.parametrize("penalty", ["delta", "factors"])
+def test_fw_lora_step_after_the_warmup_is_a_lora_step_plus_a_fixed_penalty(tmp_path, penalty):
+    extra = {}
+    for layers in (1, 2):
+        lora = step_ops(tmp_path, "lora", layers)
+        fw_lora = step_ops(tmp_path, "fw_lora", layers, fw_warmup_steps=1, fw_lambda=0.1, fw_penalty=penalty)
+        extra[layers] = fw_lora - lora
+        assert not lora - fw_lora, "FW-LoRA's step should do everything a LoRA step does, and only add to it"
+    assert extra[1] == extra[2]  # 6 more matrices, not one kernel more
+    assert sum(extra[2].values()) <= 15 * 3 + 5  # the penalty's kernels for 3 shapes, and its share of the loss
+
+
+@pytest.mark.parametrize(
+    "estimator, per_layer",
+    [
+        # Per adapted matrix, in the backward pass: `Gᵀ X` and its norm, written into the matrix's slot.
+        ("exact", {"aten::mm": 6, "aten::linalg_vector_norm": 6}),
+        # The same on `(X Z)ᵀ G`, plus `X Z` once per distinct input in the forward pass (q, k, v share theirs): 4.
+        ("sketch", {"aten::mm": 6 + 4, "aten::linalg_vector_norm": 6}),
+    ],
+)
+def test_warmup_adds_two_kernels_per_adapted_matrix(tmp_path, estimator, per_layer):
+    extra = {}
+    for layers in (1, 2):
+        lora = step_ops(tmp_path, "lora", layers)
+        warmup = step_ops(tmp_path, "fw_lora", layers, fw_warmup_steps=100, fw_estimator=estimator)
+        extra[layers] = warmup - lora
+    assert dict(extra[2] - extra[1]) == per_layer  # what one more layer of 6 adapted matrices adds
+    assert sum(extra[1].values()) - sum(per_layer.values()) <= 16  # and a fixed cost per step (fold, average, probes)
