@@ -163,6 +163,14 @@ class DataTrainingArguments:
             "dynamically to the longest in the batch, which is faster."
         },
     )
+    pad_to_multiple_of: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "With dynamic padding, pad each batch's length up to a multiple of this. Default: 32 with "
+            "--torch_compile (at most max_seq_length / 32 shapes to compile, then reused), 8 with --bf16/--fp16 "
+            "(tensor-core friendly), else none."
+        },
+    )
     shuffle_train_dataset: bool = field(
         default=False,
         metadata={
@@ -196,6 +204,10 @@ class DataTrainingArguments:
     )
 
     def __post_init__(self):
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError(
+                f"--pad_to_multiple_of should be a positive integer, but the value passed is {self.pad_to_multiple_of}."
+            )
         if self.glue_dir is None:
             self.glue_dir = glue_dir_from_env()
         if self.task_name is not None:
@@ -419,10 +431,10 @@ def run(
     # Data collator: stacks samples padded to max length already, else pads each batch to its longest sequence.
     if data_args.pad_to_max_length:
         data_collator = default_data_collator
-    elif training_args.fp16 or training_args.bf16:
-        data_collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
     else:
-        data_collator = DataCollatorWithPadding(tokenizer)
+        data_collator = DataCollatorWithPadding(
+            tokenizer, pad_to_multiple_of=padding_multiple(data_args, training_args)
+        )
 
     # The method: adapters (or full fine-tuning) on the pretrained model, described in adapter_summary.json.
     model, summary = build_method_model(model, fw_args)
@@ -694,6 +706,17 @@ def load_model(model_args: ModelArguments, model_path: str, config: PretrainedCo
             "label(s). Pass --ignore_mismatched_sizes to start the head afresh, or use a checkpoint made for this "
             "task."
         ) from error
+
+
+def padding_multiple(data_args: DataTrainingArguments, training_args: TrainingArguments) -> Optional[int]:
+    """The multiple dynamic padding rounds each batch's length up to: `--pad_to_multiple_of`, else 32 with
+    `--torch_compile` (each new length is a new compiled shape: 32 keeps them few, and each is compiled once), 8 with
+    mixed precision, else none."""
+    if data_args.pad_to_multiple_of is not None:
+        return data_args.pad_to_multiple_of
+    if training_args.torch_compile:
+        return 32
+    return 8 if training_args.fp16 or training_args.bf16 else None
 
 
 def check_output_dir(training_args: TrainingArguments, data_args: DataTrainingArguments) -> Optional[str]:
