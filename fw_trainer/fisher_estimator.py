@@ -164,19 +164,23 @@ class FisherEstimator:
         self._generator = None  # the probes restart from `seed`
         # `torch.compile` does not guard on module hooks: code compiled while they are installed would keep running
         # them (or keep the graph split where they are) after `stop`. So compiled code runs eagerly while measuring,
-        # and compiles once, without hooks, afterwards.
-        self._eager_stance = torch.compiler.set_stance("force_eager")
+        # and compiles once, without hooks, afterwards (torch < 2.6, without stances: `stop` drops what was compiled).
+        set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+        self._eager_stance = set_stance("force_eager") if set_stance is not None else None
         for index, matrix in enumerate(self.matrices):
             self._handles.append(matrix.layer.register_forward_hook(partial(self._forward_hook, index)))
 
     def stop(self) -> None:
         """Removes the hooks (no cost afterwards) and drops any micro-batch not folded in yet."""
+        was_measuring = self.is_measuring
         for handle in self._handles:
             handle.remove()
         self._handles = []
         if self._eager_stance is not None:
             self._eager_stance.__exit__(None, None, None)  # back to the stance before `start`
             self._eager_stance = None
+        elif was_measuring:
+            torch.compiler.reset()  # older torch: drop what was compiled with the hooks, to recompile without them
         self._norms.zero_()
         self._loss_grad = None
         self._probes, self._last_sketch = {}, None
