@@ -52,19 +52,33 @@ test-slow: env
 gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),env)
 	$(PY) scripts/gpu_check.py $(ARGS)
 
-# Every figure of benchmarks/README.md, into benchmarks/results/ (CPU: about 30 min on 2 cores; a GPU box adds
-# BENCH_ARGS="--device cuda --bf16"; there the step benchmark reports CUDA peak memory per method itself). See
-# benchmarks/README.md for what each command measures.
-BENCH_ARGS ?=
+# Every figure of benchmarks/README.md, into benchmarks/results/. GPU box: roberta-base shape in bf16, eager and
+# fast path (torch.compile, fused AdamW), steps and whole 3-epoch SST-2 runs (about an hour, mostly the eager whole
+# runs). CPU (about an hour on 2 cores): roberta-base steps eager only (inductor needs tens of minutes to compile it
+# here), the fast path and whole runs on a tiny RoBERTa. See benchmarks/README.md for what each command measures.
 TINY := hidden_size=64,num_hidden_layers=2,num_attention_heads=4,intermediate_size=256,vocab_size=1000
+ifeq ($(HAS_GPU),yes)
+BENCH_DEVICE ?= --device cuda
+BENCH_ARGS ?= $(BENCH_DEVICE) --bf16
+BENCH_STEPS ?= --rounds 5 --steps 20
+BENCH_WHOLE_RUN ?= --rounds 1
+else
+BENCH_DEVICE ?=
+BENCH_ARGS ?=
+BENCH_STEPS ?= --rounds 3 --steps 3 --no_fast
+BENCH_WHOLE_RUN ?= --rounds 1 --batch_size 8 --config_overrides $(TINY)
+endif
 benchmark: env
 	mkdir -p benchmarks/results
-	$(PY) benchmarks/overhead.py --rounds 3 --steps 3 --no_memory $(BENCH_ARGS) --output benchmarks/results/steps.json
+	$(PY) benchmarks/overhead.py $(BENCH_STEPS) --no_memory $(BENCH_ARGS) --output benchmarks/results/steps.json
+ifneq ($(HAS_GPU),yes)
+	$(PY) benchmarks/overhead.py --rounds 3 --steps 5 --no_memory --batch_size 8 --seq_len 32 \
+		--config_overrides $(TINY) --output benchmarks/results/steps_tiny.json
 	$(PY) benchmarks/overhead.py --memory_only --steps 1 --methods lora fw_lora_warmup fw_lora_warmup_sketch fw_lora \
-		adalora $(BENCH_ARGS) --output benchmarks/results/memory.json
-	$(PY) benchmarks/overhead.py --whole_run --rounds 1 --batch_size 8 --seq_len 32 --config_overrides $(TINY) \
-		$(BENCH_ARGS) --output benchmarks/results/whole_run_tiny.json
-	$(PY) benchmarks/overhead.py --penalty_ops --output benchmarks/results/penalty_ops.json
+		adalora --output benchmarks/results/memory.json
+endif
+	$(PY) benchmarks/overhead.py --whole_run $(BENCH_WHOLE_RUN) $(BENCH_ARGS) --output benchmarks/results/whole_run.json
+	$(PY) benchmarks/overhead.py --penalty_ops $(BENCH_DEVICE) --output benchmarks/results/penalty_ops.json
 
 quality: env
 	$(PY) -m ruff check .
