@@ -7,7 +7,8 @@ def compile_stats() -> dict[str, int]:
     the process:
 
     - `graphs`: FX graphs compiled (a frame split by graph breaks gives several);
-    - `graph_breaks`: graph breaks met while tracing (each splits a graph in two and runs the code between eagerly);
+    - `graph_breaks`: what dynamo could not trace, each time it met it: graph breaks (a graph split in two, the code
+      between run eagerly) and unsupported code that made it skip a frame or an inlined call (also run eagerly);
     - `recompiles`: compilations of a frame that was compiled before, because a guard failed (a new input shape, say).
 
     A training step that compiles into one graph and then reuses it shows `graphs` fixed, and `graph_breaks` and
@@ -17,7 +18,7 @@ def compile_stats() -> dict[str, int]:
 
     return {
         "graphs": int(counters["stats"]["unique_graphs"]),
-        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "graph_breaks": int(sum(counters["graph_break"].values()) + sum(counters["unimplemented"].values())),
         "recompiles": sum(metrics.recompile_reason is not None for metrics in get_compilation_metrics()),
     }
 

@@ -59,7 +59,9 @@ def test_compiled_training_gives_the_eager_losses(tmp_path, method, backend, fw_
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5)
     for (name, param), (_, eager_param) in zip(compiled.model.named_parameters(), eager.model.named_parameters()):
         torch.testing.assert_close(param, eager_param, rtol=1e-4, atol=1e-5, msg=name)
-    assert all(log["compile/graph_breaks"] == 0 for log in compiled.state.log_history if "loss" in log)
+    breaks = [log["compile/graph_breaks"] for log in compiled.state.log_history if "loss" in log]
+    if method != "adalora":  # peft's AdaLoRA layers have breaks of their own (`requires_grad` set in `forward`, ...)
+        assert breaks == [0] * 6
 
 
 @pytest.mark.parametrize("estimator", ["exact", "sketch"])

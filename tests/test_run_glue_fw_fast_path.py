@@ -2,10 +2,12 @@
 and pads batches to lengths that repeat."""
 
 import pytest
+import torch
 from test_run_glue_fw import common, glue_dir, read_json, run, tiny_model_dir  # noqa: F401 (fixtures)
 from transformers import TrainingArguments
 
 import run_glue_fw
+from fw_trainer import reset_compile_stats
 
 
 @pytest.mark.parametrize(
@@ -27,6 +29,8 @@ def test_padding_multiple(options, expected, tmp_path):
 
 
 def test_fw_lora_compiled_end_to_end(tiny_model_dir, glue_dir, tmp_path):  # noqa: F811
+    torch.compiler.reset()
+    reset_compile_stats()  # the counts are the process's: start them with this run
     out = tmp_path / "compiled"
     args = common(tiny_model_dir, out, "--task_name", "sst2", "--glue_dir", glue_dir, "--method", "fw_lora")
     assert run([*args, "--torch_compile", "--torch_compile_backend", "aot_eager", "--report_to", "none"]) == 0
