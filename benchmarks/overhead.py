@@ -445,10 +445,9 @@ def _break_reason(message: str) -> str:
 
 def dynamo_stats(after: int = 0) -> dict:
     """
-    Since the last [`reset_dynamo`]: [`compile_stats`] (graphs, Dynamo's `graph_break` counter, recompilations), with
-    graph breaks counted as every place where Dynamo stopped tracing: its `graph_break` counter (graphs split at an
-    unsupported construct) plus its `unimplemented` counter (functions it gave up on and left to Python, which split
-    the graph as much), their reasons, the recompilations after the first `after` compilations, and the compilation
+    Since the last [`reset_dynamo`]: [`compile_stats`] (graphs; graph breaks, every place where Dynamo stopped tracing:
+    its `graph_break` counter, graphs split at an unsupported construct, plus its `unimplemented` counter, functions it
+    gave up on and left to Python; recompilations), the two counters apart and the breaks' reasons, the recompilations after the first `after` compilations, and the compilation
     time (Dynamo, AOT autograd and the backend, forward and backward graphs).
     """
     reasons = Counter()
@@ -458,10 +457,9 @@ def dynamo_stats(after: int = 0) -> dict:
     metrics = get_compilation_metrics()
     stats = compile_stats()
     return {
-        "graph_breaks": sum(reasons.values()),
+        "graph_breaks": stats["graph_breaks"],  # both counters, as `FWLoraTrainer` logs `compile/graph_breaks`
         "graph_break_reasons": dict(reasons.most_common(10)),
-        # The two counters apart: `graph_break` alone is what `FWLoraTrainer` logs as `compile/graph_breaks`.
-        "graph_break_counter": stats["graph_breaks"],
+        "graph_break_counter": int(sum(counters["graph_break"].values())),
         "unimplemented_counter": int(sum(counters["unimplemented"].values())),
         "graphs": stats["graphs"],
         "recompiles": stats["recompiles"],
