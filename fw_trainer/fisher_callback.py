@@ -13,7 +13,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from .adapted_matrices import AdaptedMatrix
 from .fisher_estimator import FisherEstimator
 from .importance import normalize_importances
-from .run_artifacts import IMPORTANCE_FILE
+from .run_artifacts import IMPORTANCE_FILE, write_json_atomic
 
 
 logger = logging.getLogger(__name__)
@@ -209,12 +209,11 @@ class FisherWarmupCallback(TrainerCallback):
         }
 
     def save(self, output_dir: str) -> None:
-        """Writes [`state_dict`] to `output_dir/fw_importance.json`."""
+        """Writes [`state_dict`] to `output_dir/fw_importance.json`, atomically: a save interrupted at any moment
+        leaves the previous file or none, never a damaged one."""
         if self.estimator is None:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, IMPORTANCE_FILE), "w") as f:
-            json.dump(self.state_dict(), f, indent=2)
+        write_json_atomic(os.path.join(output_dir, IMPORTANCE_FILE), self.state_dict())
 
     def load(self, checkpoint_dir: str) -> bool:
         """Reads the state saved in a checkpoint, applied when training begins. Returns whether a file was found."""
