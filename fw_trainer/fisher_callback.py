@@ -1,6 +1,5 @@
 """The FW-LoRA warm-up schedule in a `Trainer`: measure `F_m` for K steps, then freeze the importances `I_m`."""
 
-import json
 import logging
 import math
 import os
@@ -15,7 +14,7 @@ from .adapted_matrices import AdaptedMatrix
 from .errors import CheckpointError, RunMismatchError, WarmupDivergedError
 from .fisher_estimator import FisherEstimator
 from .importance import normalize_importances
-from .run_artifacts import IMPORTANCE_FILE, write_json_atomic
+from .run_artifacts import IMPORTANCE_FILE, read_state_file, write_json_atomic
 
 
 logger = logging.getLogger(__name__)
@@ -288,18 +287,7 @@ class FisherWarmupCallback(TrainerCallback):
                 "IW-LoRA run holds: it was written by another method, or its save was interrupted. Resume from a "
                 "checkpoint of this run, or with the method it was trained with."
             )
-        try:
-            with open(path) as f:
-                state = json.load(f)
-        except (OSError, UnicodeDecodeError, ValueError) as error:
-            state, problem = None, f"not valid JSON ({error})"
-        else:
-            problem = _state_problem(state, matrix_names)
-        if problem is not None:
-            raise CheckpointError(
-                f"{path} is damaged or inconsistent: {problem}. Resume from an earlier checkpoint, or start a new run "
-                "instead of resuming."
-            )
+        state = read_state_file(path, lambda state: _state_problem(state, matrix_names))
         differences = [
             (f"fw_{name}", state[name], value)
             for name, value in self._measurement_options().items()

@@ -8,6 +8,7 @@ import json
 import os
 import resource
 import tempfile
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch import nn
 from transformers.trainer import TRAINER_STATE_NAME
 
 from .adapted_matrices import delta_weight_norms
+from .errors import CheckpointError
 
 
 if TYPE_CHECKING:
@@ -65,6 +67,32 @@ def write_json_atomic(path: str, data: Any) -> None:
             os.unlink(f.name)
             raise
     os.replace(f.name, path)
+
+
+def read_state_file(path: str, problem: Optional[Callable[[Any], Optional[str]]] = None) -> Any:
+    """
+    Reads a JSON state file from a checkpoint (`fw_importance.json`, `fw_run_identity.json`), for a resume.
+
+    Args:
+        path (`str`): The file.
+        problem (`Callable`, *optional*): What makes the content unusable, or `None` when it is fine.
+
+    Raises:
+        `CheckpointError`: If the file is not valid JSON (a damaged file), or `problem` names a problem.
+    """
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        found = f"not valid JSON ({error})"
+    else:
+        found = problem(data) if problem is not None else None
+    if found is not None:
+        raise CheckpointError(
+            f"{path} is damaged or inconsistent: {found}. Resume from an earlier checkpoint, or start a new run "
+            "instead of resuming."
+        )
+    return data
 
 
 def _read_json(path: str) -> Optional[Any]:

@@ -17,8 +17,8 @@ from transformers import TrainingArguments
 
 from . import __version__
 from .arguments import FWLoraArguments
-from .errors import ABSENT, CheckpointError, RunMismatchError
-from .run_artifacts import RUN_IDENTITY_FILE, write_json_atomic
+from .errors import ABSENT, RunMismatchError
+from .run_artifacts import RUN_IDENTITY_FILE, read_state_file, write_json_atomic
 
 
 logger = logging.getLogger(__name__)
@@ -131,18 +131,7 @@ def read_run_identity(checkpoint_dir: str) -> Optional[dict[str, Any]]:
     path = os.path.join(checkpoint_dir, RUN_IDENTITY_FILE)
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path) as f:
-            identity = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        identity, problem = None, f"not valid JSON ({error})"
-    else:
-        problem = None if _is_identity(identity) else "not a `run` and `environment` mapping"
-    if problem is not None:
-        raise CheckpointError(
-            f"{path} is damaged: {problem}. Resume from an earlier checkpoint, or start a new run instead of resuming."
-        )
-    return identity
+    return read_state_file(path, _identity_problem)
 
 
 def check_run_identity(checkpoint_dir: str, identity: dict[str, Any]) -> None:
@@ -190,5 +179,7 @@ def _differences(saved: dict[str, Any], asked: dict[str, Any]) -> list[tuple[str
     return differences
 
 
-def _is_identity(identity: Any) -> bool:
-    return isinstance(identity, dict) and all(isinstance(identity.get(part), dict) for part in ("run", "environment"))
+def _identity_problem(identity: Any) -> Optional[str]:
+    if isinstance(identity, dict) and all(isinstance(identity.get(part), dict) for part in ("run", "environment")):
+        return None
+    return "it is not a mapping of `run` and `environment`"

@@ -227,7 +227,7 @@ FAULTS = {
     "damaged_identity": (
         "checkpoint-2",
         lambda run: truncate(run / "checkpoint-2" / RUN_IDENTITY_FILE),
-        f"{RUN_IDENTITY_FILE} is damaged: not valid JSON",
+        f"{RUN_IDENTITY_FILE} is damaged or inconsistent: not valid JSON",
     ),
     "no_importances": (
         "checkpoint-2",
