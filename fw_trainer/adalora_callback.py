@@ -1,6 +1,5 @@
 """Drives peft's AdaLoRA rank allocator from the Trainer's optimizer steps (peft ships no such callback)."""
 
-import json
 import logging
 import os
 from typing import Optional
@@ -10,7 +9,7 @@ from peft.tuners.adalora import AdaLoraModel
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .arguments import resolve_schedule_steps
-from .run_artifacts import RANK_PATTERN_FILE
+from .run_artifacts import RANK_PATTERN_FILE, write_json_atomic
 
 
 logger = logging.getLogger(__name__)
@@ -94,7 +93,8 @@ class AdaLoraAllocationCallback(TrainerCallback):
     @staticmethod
     def save_rank_pattern(rank_pattern: dict[str, list[bool]], output_dir: str) -> None:
         """Writes the rank pattern with the resulting rank of every matrix."""
-        os.makedirs(output_dir, exist_ok=True)
         ranks = {name: int(sum(mask)) for name, mask in rank_pattern.items()}
-        with open(os.path.join(output_dir, RANK_PATTERN_FILE), "w") as f:
-            json.dump({"ranks": ranks, "total_rank": sum(ranks.values()), "rank_pattern": rank_pattern}, f, indent=2)
+        write_json_atomic(
+            os.path.join(output_dir, RANK_PATTERN_FILE),
+            {"ranks": ranks, "total_rank": sum(ranks.values()), "rank_pattern": rank_pattern},
+        )

@@ -1,22 +1,39 @@
 """The FW-LoRA warm-up schedule in a `Trainer`: measure `F_m` for K steps, then freeze the importances `I_m`."""
 
-import json
 import logging
+import math
 import os
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .adapted_matrices import AdaptedMatrix
+from .errors import CheckpointError, RunMismatchError, WarmupDivergedError
 from .fisher_estimator import FisherEstimator
 from .importance import normalize_importances
-from .run_artifacts import IMPORTANCE_FILE
+from .run_artifacts import IMPORTANCE_FILE, read_state_file, write_json_atomic
 
 
 logger = logging.getLogger(__name__)
+
+# The keys of `fw_importance.json` ([`FisherWarmupCallback.state_dict`]) and of each entry of its `modules`.
+_STATE_KEYS = (
+    "frozen",
+    "frozen_at_step",
+    "warmup_steps",
+    "ema_decay",
+    "normalization",
+    "statistic",
+    "average",
+    "power",
+    "estimator",
+    "num_updates",
+    "modules",
+)
+_MODULE_KEYS = ("fisher", "importance", "penalty_weight", "d_out", "d_in", "r", "running_state")
 
 
 class FisherWarmupCallback(TrainerCallback):
@@ -117,9 +134,40 @@ class FisherWarmupCallback(TrainerCallback):
 
     @torch.no_grad()
     def freeze(self, args: TrainingArguments, state: TrainerState) -> None:
-        """Ends the warm-up: removes the hooks, reads `F` and normalises it into `I`; on the main process, logs the
-        table and writes `fw_importance.json` into `args.output_dir`."""
+        """
+        Ends the warm-up: removes the hooks, reads `F` and normalises it into `I`; on the main process, logs the table
+        and writes `fw_importance.json` into `args.output_dir`.
+
+        A step in which no micro-batch was finite (a NaN or infinite loss or gradient: a learning rate that diverges,
+        an fp16 overflow) is left out of `F`, and a warning says how many were. If no step of the warm-up was finite,
+        `F` is empty and any importances frozen from it would mean nothing (a zero `F` would silently fall back to
+        uniform ones): the freeze refuses, and training stops.
+
+        Raises:
+            `WarmupDivergedError`: If the warm-up measured steps but none of them had a finite micro-batch.
+        """
         self.estimator.stop()
+        measured = self.warmup_steps if self.warmup_mode == "calibrate" else min(state.global_step, self.warmup_steps)
+        # The freeze's one extra host read: how many measured steps had a finite micro-batch.
+        finite = int(self.estimator.state_dict()["num_updates"].item())
+        what = "IW-LoRA calibration" if self.warmup_mode == "calibrate" else "FW-LoRA warm-up"
+        if measured > 0 and finite == 0:
+            raise WarmupDivergedError(
+                f"The {what} saw no finite gradient: in each of its {measured} steps the loss or the gradient of every "
+                "micro-batch was NaN or infinite, so there is nothing to compute importances from. The model diverged "
+                "or computes NaN from the start: check its weights and lower the learning rate"
+                + (", or train in bf16 or fp32 instead of fp16" if args.fp16 else "")
+                + ". Training stops here rather than go on with meaningless importances."
+            )
+        if finite < measured:
+            logger.warning(
+                "%d of the %d steps of the %s had no finite micro-batch (a NaN or infinite loss or gradient: is the "
+                "learning rate too high?); the importances come from the other %d.",
+                measured - finite,
+                measured,
+                what,
+                finite,
+            )
         self.fisher = self.estimator.fisher
         self.importances = normalize_importances(self.fisher, self.normalization).to(self.fisher.device)
         self.frozen_at_step = state.global_step
@@ -214,28 +262,63 @@ class FisherWarmupCallback(TrainerCallback):
         }
 
     def save(self, output_dir: str) -> None:
-        """Writes [`state_dict`] to `output_dir/fw_importance.json`."""
+        """Writes [`state_dict`] to `output_dir/fw_importance.json`, atomically: a save interrupted at any moment
+        leaves the previous file or none, never a damaged one."""
         if self.estimator is None:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, IMPORTANCE_FILE), "w") as f:
-            json.dump(self.state_dict(), f, indent=2)
+        write_json_atomic(os.path.join(output_dir, IMPORTANCE_FILE), self.state_dict())
 
-    def load(self, checkpoint_dir: str) -> bool:
-        """Reads the state saved in a checkpoint, applied when training begins. Returns whether a file was found."""
+    def load(self, checkpoint_dir: str, matrix_names: Optional[list[str]] = None) -> None:
+        """
+        Reads the state saved in a checkpoint ([`state_dict`]), checked, to be applied when training begins.
+
+        Args:
+            checkpoint_dir (`str`): The checkpoint to resume from.
+            matrix_names (`list[str]`, *optional*):
+                The names of the adapted matrices of the model being trained, in order: the saved state must list the
+                same. Without them, they are compared when training begins.
+
+        Raises:
+            `CheckpointError`: If the checkpoint has no `fw_importance.json` (every checkpoint of an FW-LoRA or
+                IW-LoRA run has one), or the file is damaged (not valid JSON) or inconsistent (unknown or missing
+                keys, values of the wrong type, other adapted matrices than `matrix_names`).
+            `RunMismatchError`: If the state was measured with other warm-up options (K, the average, ...; not the
+                estimator, which may be chosen by device, see [`run_identity`] for the argument).
+        """
         path = os.path.join(checkpoint_dir, IMPORTANCE_FILE)
         if not os.path.isfile(path):
-            return False
-        with open(path) as f:
-            self._state_to_restore = json.load(f)
-        return True
+            raise CheckpointError(
+                f"The checkpoint {checkpoint_dir} has no {IMPORTANCE_FILE}, which every checkpoint of an FW-LoRA or "
+                "IW-LoRA run holds: it was written by another method, or its save was interrupted. Resume from a "
+                "checkpoint of this run, or with the method it was trained with."
+            )
+        state = read_state_file(path, lambda state: _state_problem(state, matrix_names))
+        differences = [
+            (f"fw_{name}", state[name], value)
+            for name, value in self._measurement_options().items()
+            if state[name] != value
+        ]
+        if differences:
+            raise RunMismatchError(checkpoint_dir, differences)
+        self._state_to_restore = state
+
+    def _measurement_options(self) -> dict[str, Any]:
+        """The options that define the measured statistics, by their names in [`state_dict`]."""
+        return {
+            "warmup_steps": self.warmup_steps,
+            "ema_decay": self._estimator_options["ema_decay"],
+            "normalization": self.normalization,
+            "statistic": self._estimator_options["statistic"],
+            "average": self._estimator_options["average"],
+            "power": self.power,
+        }
 
     def _apply_state(self, state: dict) -> None:
-        names = [matrix.name for matrix in self.matrices]
-        if list(state["modules"]) != names:
-            raise ValueError(
-                "The checkpoint's fw_importance.json lists other adapted modules than the model being trained: "
-                f"saved {list(state['modules'])[:3]}..., model {names[:3]}.... Resume with the same LoRA targets."
+        problem = _state_problem(state, [matrix.name for matrix in self.matrices])
+        if problem is not None:
+            raise CheckpointError(
+                f"The saved FW-LoRA state does not fit the model being trained: {problem}. Resume with the LoRA "
+                "targets and rank it was trained with."
             )
         rows = list(state["modules"].values())
         self.estimator.load_state_dict(
@@ -258,3 +341,54 @@ class FisherWarmupCallback(TrainerCallback):
             importance = row["importance"] if row["importance"] is not None else float("nan")
             lines.append(f"{name:<{width}}  {row['fisher']:>11.4e}  {importance:>9.5f}  {1 - importance:>9.5f}")
         return "\n".join(lines)
+
+
+def _state_problem(state: Any, matrix_names: Optional[list[str]]) -> Optional[str]:
+    """What makes a state read from `fw_importance.json` unusable for a model with `matrix_names`, or `None`."""
+    if not isinstance(state, dict):
+        return "it is not a JSON object"
+    problem = _keys_problem(state, _STATE_KEYS, "it")
+    if problem is not None:
+        return problem
+    modules, frozen = state["modules"], state["frozen"]
+    if not isinstance(modules, dict) or not modules:
+        return "`modules` is not a mapping of module names to their statistics"
+    if matrix_names is not None and list(modules) != list(matrix_names):
+        if len(modules) != len(matrix_names):
+            return (
+                f"it holds the statistics of {len(modules)} adapted matrices, but the model being trained has "
+                f"{len(matrix_names)}"
+            )
+        saved, name = next((saved, name) for saved, name in zip(modules, matrix_names) if saved != name)
+        return f"it lists other adapted matrices than the model being trained ({saved} where the model has {name})"
+    if not isinstance(frozen, bool):
+        return f"`frozen` is {frozen!r}, not true or false"
+    for key in ("num_updates", *(("frozen_at_step",) if frozen else ())):
+        if not _is_non_negative(state[key], integer=True):
+            return f"`{key}` is {state[key]!r}, not a step count"
+    for name, row in modules.items():
+        if not isinstance(row, dict):
+            return f"its entry {name} is not a mapping"
+        problem = _keys_problem(row, _MODULE_KEYS, f"its entry {name}")
+        if problem is not None:
+            return problem
+        for key in ("fisher", "running_state", *(("importance", "penalty_weight") if frozen else ())):
+            if not _is_non_negative(row[key]):
+                return f"the `{key}` of {name} is {row[key]!r}, not a finite non-negative number"
+    return None
+
+
+def _keys_problem(mapping: dict, keys: tuple[str, ...], what: str) -> Optional[str]:
+    unknown, missing = sorted(set(mapping) - set(keys)), [key for key in keys if key not in mapping]
+    parts = []
+    if unknown:
+        parts.append(f"unknown keys {', '.join(unknown)}")
+    if missing:
+        parts.append(f"no {', '.join(missing)}")
+    return f"{what} has {' and '.join(parts)}" if parts else None
+
+
+def _is_non_negative(value: Any, integer: bool = False) -> bool:
+    """Whether `value`, read from JSON, is a finite non-negative number (an integer if `integer`)."""
+    kinds = (int,) if integer else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value) and value >= 0

@@ -7,6 +7,8 @@ harness. The callbacks write their own files under the names given here.
 import json
 import os
 import resource
+import tempfile
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
@@ -15,6 +17,7 @@ from torch import nn
 from transformers.trainer import TRAINER_STATE_NAME
 
 from .adapted_matrices import delta_weight_norms
+from .errors import CheckpointError
 
 
 if TYPE_CHECKING:
@@ -24,6 +27,9 @@ if TYPE_CHECKING:
 
 # Written by the Fisher warm-up callback into the output directory and every checkpoint.
 IMPORTANCE_FILE = "fw_importance.json"
+# What the run is (base model, task, method and its arguments, ...), written by the trainer into the output directory
+# and every checkpoint, and compared with the run asked for on resume: [`run_identity`].
+RUN_IDENTITY_FILE = "fw_run_identity.json"
 # Written by the AdaLoRA callback at the end of training.
 RANK_PATTERN_FILE = "adalora_rank_pattern.json"
 # What was adapted and how many parameters it took: [`write_adapter_summary`].
@@ -39,10 +45,54 @@ ALL_RESULTS_FILE = "all_results.json"
 TRAINER_STATE_FILE = TRAINER_STATE_NAME
 
 
-def _write_json(path: str, data: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
+def write_json_atomic(path: str, data: Any) -> None:
+    """
+    Writes `data` as JSON to a temporary file beside `path`, flushed to disk, then renames it over `path`: readers (and
+    a resume) see the old file or the whole new one, never half of it, even if the process is killed mid-write.
+
+    Args:
+        path (`str`): The file to write; its directory is created if needed.
+        data (`Any`): A JSON-serialisable value.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".tmp-", suffix=".json", delete=False) as f:
+        try:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            # A value that is not JSON-serialisable (or a full disk) leaves no stray temporary file behind.
+            f.close()
+            os.unlink(f.name)
+            raise
+    os.replace(f.name, path)
+
+
+def read_state_file(path: str, problem: Optional[Callable[[Any], Optional[str]]] = None) -> Any:
+    """
+    Reads a JSON state file from a checkpoint (`fw_importance.json`, `fw_run_identity.json`), for a resume.
+
+    Args:
+        path (`str`): The file.
+        problem (`Callable`, *optional*): What makes the content unusable, or `None` when it is fine.
+
+    Raises:
+        `CheckpointError`: If the file is not valid JSON (a damaged file), or `problem` names a problem.
+    """
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        found = f"not valid JSON ({error})"
+    else:
+        found = problem(data) if problem is not None else None
+    if found is not None:
+        raise CheckpointError(
+            f"{path} is damaged or inconsistent: {found}. Resume from an earlier checkpoint, or start a new run "
+            "instead of resuming."
+        )
+    return data
 
 
 def _read_json(path: str) -> Optional[Any]:
@@ -60,7 +110,7 @@ def write_adapter_summary(output_dir: str, summary: "AdapterSummary") -> None:
         output_dir (`str`): The run's output directory (created if needed).
         summary ([`AdapterSummary`]): What [`build_peft_model`] returned with the model.
     """
-    _write_json(os.path.join(output_dir, ADAPTER_SUMMARY_FILE), summary.to_dict())
+    write_json_atomic(os.path.join(output_dir, ADAPTER_SUMMARY_FILE), summary.to_dict())
 
 
 def write_delta_weight_norms(output_dir: str, model: nn.Module) -> None:
@@ -68,7 +118,7 @@ def write_delta_weight_norms(output_dir: str, model: nn.Module) -> None:
     Writes `delta_weight_norms.json`: `‖ΔW‖_F` of every adapted matrix of a LoRA or AdaLoRA model, by module name (see
     [`delta_weight_norms`]). Call it at the end of training.
     """
-    _write_json(os.path.join(output_dir, DELTA_WEIGHT_NORMS_FILE), delta_weight_norms(model))
+    write_json_atomic(os.path.join(output_dir, DELTA_WEIGHT_NORMS_FILE), delta_weight_norms(model))
 
 
 def write_eval_predictions(

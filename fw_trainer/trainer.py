@@ -9,13 +9,16 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.integrations import TensorBoardCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from .adalora_callback import AdaLoraAllocationCallback
+from .adapted_matrices import find_adapted_matrices
 from .arguments import FWLoraArguments
+from .checkpoints import check_checkpoint, last_complete_checkpoint
 from .compile_stats import compile_stats
+from .errors import CheckpointError
 from .fisher_callback import FisherWarmupCallback
 from .penalty import FisherWeightedPenalty
+from .run_identity import run_identity, write_run_identity
 
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,10 @@ class FWLoraTrainer(Trainer):
       (`compile/graphs`, `compile/graph_breaks`, `compile/recompiles`, see [`compile_stats`]);
     - `save_model` writes `fw_importance.json` into every checkpoint and `train(resume_from_checkpoint=...)` reads
       it back, so a resumed run continues the warm-up or keeps the frozen importances;
+    - `save_model` also writes the run's identity (`fw_run_identity.json`: base model, data, method, adapter,
+      optimisation, see [`run_identity`]), and `train` checks the checkpoint before resuming from it
+      ([`check_resume`]): a checkpoint that is missing, incomplete, damaged or of another run is refused with a
+      [`CheckpointError`] that says what to do;
     - `loss_is_scaled_for_ga = False`: the loss is a per-micro-batch mean that the Trainer divides by the
       gradient-accumulation steps; transformers would otherwise skip that division for models whose `forward` takes
       `**kwargs` but ignores `num_items_in_batch` (RoBERTa, BERT), making the gradient GA times too large.
@@ -52,6 +59,9 @@ class FWLoraTrainer(Trainer):
 
     Args:
         fw_args ([`FWLoraArguments`], *optional*): The method's arguments; defaults to `FWLoraArguments()`.
+        run_data (`dict`, *optional*):
+            What defines the training data (task, sequence length, which examples), recorded in the run's identity and
+            compared on resume; defaults to the task in the model's config (`finetuning_task`).
         model, args, *trainer_args, **kwargs: Passed to [`~transformers.Trainer`]. With a LoRA method and
             `ddp_find_unused_parameters` unset, it is set to `False`: every trainable parameter is used each step.
     """
@@ -65,6 +75,7 @@ class FWLoraTrainer(Trainer):
         args: Optional[TrainingArguments] = None,
         *trainer_args,
         fw_args: Optional[FWLoraArguments] = None,
+        run_data: Optional[dict[str, Any]] = None,
         **kwargs,
     ):
         fw_args = fw_args if fw_args is not None else FWLoraArguments()
@@ -73,6 +84,7 @@ class FWLoraTrainer(Trainer):
             args.ddp_find_unused_parameters = False
         super().__init__(model, args, *trainer_args, **kwargs)
         self.fw_args = fw_args
+        self.run_data = run_data
         # Never hand `num_items_in_batch` to the model: the loss stays a per-micro-batch mean (see the docstring).
         self.model_accepts_loss_kwargs = False
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -124,18 +136,37 @@ class FWLoraTrainer(Trainer):
             self.add_callback(self.adalora_callback)
 
     def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None, *args, **kwargs):
-        """`Trainer.train`, restoring the Fisher statistics saved in the checkpoint it resumes from."""
+        """
+        `Trainer.train`; a resume first checks the checkpoint ([`check_resume`]), and the Fisher statistics saved in
+        it are restored when training begins. `resume_from_checkpoint=True` takes the last complete checkpoint of the
+        output directory: one whose save was interrupted is passed over.
+        """
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
-        if isinstance(resume_from_checkpoint, str) and self.fisher_callback is not None:
-            if not self.fisher_callback.load(resume_from_checkpoint):
-                logger.warning(
-                    "Checkpoint %s has no fw_importance.json: the Fisher warm-up restarts from scratch.",
-                    resume_from_checkpoint,
-                )
+                raise CheckpointError(f"There is no complete checkpoint to resume from in {self.args.output_dir}.")
+        if isinstance(resume_from_checkpoint, str):
+            self.check_resume(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def check_resume(self, checkpoint_dir: str) -> None:
+        """
+        Checks that this run can resume from `checkpoint_dir`, before anything is loaded or written: a complete
+        checkpoint of the same run ([`check_checkpoint`]: the identity, the weights) and, for FW-LoRA and IW-LoRA, a
+        consistent `fw_importance.json` (read here, applied when training begins). `train` calls it; a script may call
+        it earlier, before it writes anything itself.
+
+        Raises:
+            `CheckpointError`: Saying what is wrong and what to do; a [`RunMismatchError`] for another run.
+        """
+        check_checkpoint(checkpoint_dir, self.model, self.identity())
+        if self.fisher_callback is not None:
+            names = [matrix.name for matrix in find_adapted_matrices(self.model)]
+            self.fisher_callback.load(checkpoint_dir, names)
+
+    def identity(self) -> dict[str, Any]:
+        """What this run is: the [`run_identity`] of the model, the method, the training arguments and `run_data`."""
+        return run_identity(self.model, self.fw_args, self.args, self.run_data)
 
     def training_step(
         self,
@@ -270,8 +301,11 @@ class FWLoraTrainer(Trainer):
             writer.flush()
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-        """`Trainer.save_model`, plus `fw_importance.json` (also in every checkpoint)."""
+        """`Trainer.save_model`, plus `fw_run_identity.json` and `fw_importance.json`, each written atomically (also
+        in every checkpoint)."""
         super().save_model(output_dir, _internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if self.fisher_callback is not None and self.args.should_save:
-            self.fisher_callback.save(output_dir)
+        if self.args.should_save:
+            write_run_identity(output_dir, self.identity())
+            if self.fisher_callback is not None:
+                self.fisher_callback.save(output_dir)

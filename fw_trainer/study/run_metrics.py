@@ -2,13 +2,11 @@
 `metrics.json`: everything the study aggregation needs from one finished `run_glue_fw.py` output directory.
 """
 
-import json
-import os
-import tempfile
 from typing import Any, Optional
 
 from ..glue.metrics import PRIMARY_GLUE_METRIC
 from ..run_artifacts import ALL_RESULTS_FILE, read_run_artifacts
+from ..run_artifacts import write_json_atomic as write_json_atomic  # the study's writers import it from here
 
 
 METRICS_FILE = "metrics.json"
@@ -91,15 +89,3 @@ def collect_run_metrics(run_dir: str, task_name: Optional[str], extra: Optional[
     }
     metrics.update(extra or {})
     return metrics
-
-
-def write_json_atomic(path: str, data: Any) -> None:
-    """Writes JSON to a temporary file beside `path`, then renames it: readers see the old file or the whole new one,
-    never half of it, even if the process is killed mid-write."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".tmp-", suffix=".json", delete=False) as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
