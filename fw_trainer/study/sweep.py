@@ -27,8 +27,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Optional
 
-from transformers.trainer_utils import get_last_checkpoint
-
+from ..checkpoints import last_complete_checkpoint
 from ..cli_args import to_argv
 from ..run_artifacts import is_finished_run
 from .config import StudyConfig, StudyConfigError, StudyRun
@@ -60,7 +59,7 @@ def run_command(config: StudyConfig, run: StudyRun) -> list[str]:
         argv.append(config.base_config)
     argv += to_argv(run.args) + ["--output_dir", output_dir]
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not is_finished_run(output_dir):
-        if get_last_checkpoint(output_dir) is None:
+        if last_complete_checkpoint(output_dir) is None:
             # A crash before the first checkpoint left nothing to resume from (and no result): start again.
             argv += ["--overwrite_output_dir", "true"]
     return argv
