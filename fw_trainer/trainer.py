@@ -147,7 +147,14 @@ class FWLoraTrainer(Trainer):
                 raise CheckpointError(f"There is no complete checkpoint to resume from in {self.args.output_dir}.")
         if isinstance(resume_from_checkpoint, str):
             self.check_resume(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        except BaseException:
+            # A run that dies in the warm-up (an error, Ctrl-C in a notebook) must not leave its hooks installed and
+            # compiled code forced to run eagerly in the process (see `FisherEstimator.start`).
+            if self.fisher_callback is not None and self.fisher_callback.is_measuring:
+                self.fisher_callback.estimator.stop()
+            raise
 
     def check_resume(self, checkpoint_dir: str) -> None:
         """

@@ -97,6 +97,17 @@ def dataset():
     return TokenDataset()
 
 
+@pytest.fixture(autouse=True)
+def no_estimator_left_measuring():
+    """A test must not leave compiled code forced to run eagerly (an estimator started and never stopped): the next
+    test's `torch.compile` would silently compile nothing."""
+    yield
+    stance = torch._dynamo.eval_frame._stance.stance
+    if stance != "default":
+        torch.compiler.set_stance("default")
+        pytest.fail(f"The test left the compiler stance at {stance!r}: stop every FisherEstimator it starts.")
+
+
 def pytest_runtest_setup(item):
     if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
         if os.environ.get("FW_REQUIRE_GPU") == "1":

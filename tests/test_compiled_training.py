@@ -88,3 +88,16 @@ def test_fw_lora_compiled_on_cuda_in_bf16_gives_the_eager_losses(tmp_path):
     for name in expected:  # bf16 kernels fused differently: rounding-level differences
         torch.testing.assert_close(actual[name], expected[name], rtol=2e-2, atol=1e-3)
     assert all(log["compile/graph_breaks"] == 0 for log in compiled.state.log_history if "loss" in log)
+
+
+def test_a_run_that_fails_in_the_warmup_removes_its_hooks(tmp_path):
+    """An error in the warm-up (here the second step) must not leave compiled code forced to run eagerly."""
+
+    class Fail(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, "fw_lora", callbacks=[Fail()], **FW_LORA)
+    assert torch._dynamo.eval_frame._stance.stance == "default"

@@ -65,6 +65,7 @@ def test_exact_hooks_follow_the_model_to_another_device():
     estimator.loss_to_backpropagate(model(**batch).loss).backward()
     estimator.fold_micro_batch()
     estimator.end_step()
+    estimator.stop()
 
     for state in (estimator._running, estimator._num_updates, estimator.fisher):
         assert state.device.type == "meta" and state.dtype == torch.float32

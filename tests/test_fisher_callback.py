@@ -175,6 +175,7 @@ def test_non_finite_micro_batch_is_skipped():
         loss.backward()
         estimator.fold_micro_batch()
     estimator.end_step()
+    estimator.stop()
 
     fisher = estimator._running / (1 - estimator.ema_decay)
     torch.testing.assert_close(fisher, expected, rtol=1e-4, atol=0)

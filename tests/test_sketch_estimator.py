@@ -18,6 +18,7 @@ def sketched_steps(model, batch, num_steps: int, probes: int) -> torch.Tensor:
         estimator.loss_to_backpropagate(model(**batch).loss).backward()
         estimator.fold_micro_batch()
         estimator.end_step()
+    estimator.stop()
     model.zero_grad(set_to_none=True)
     return estimator._running
 
