@@ -4,7 +4,10 @@ Tests marked `gpu` run on CUDA and are skipped where there is none, unless `FW_R
 `make gpu-check`), which turns such a skip into a failure so that a GPU check cannot pass without a GPU.
 """
 
+import importlib.util
 import os
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,6 +109,14 @@ def no_estimator_left_measuring():
     if stance != "default":
         torch.compiler.set_stance("default")
         pytest.fail(f"The test left the compiler stance at {stance!r}: stop every FisherEstimator it starts.")
+
+
+def load_script(path) -> types.ModuleType:
+    """A script of the repository (an example, a benchmark) imported as a module, without running its `main`."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_runtest_setup(item):

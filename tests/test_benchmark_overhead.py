@@ -2,7 +2,6 @@
 values (the figures themselves are the benchmark's business, not the tests'). The script runs in a subprocess: it
 silences logging and warnings process-wide, and Dynamo's caches and counters are per process."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
@@ -17,10 +17,7 @@ TINY = "hidden_size=32,num_hidden_layers=1,num_attention_heads=4,intermediate_si
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("overhead", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def run_benchmark(tmp_path: Path, *flags: str) -> dict:

@@ -1,12 +1,11 @@
 """The README's training loop without `Trainer` (`examples/custom_loop.py`) against `FWLoraTrainer` on the same
 batches: the same importances and the same trained weights."""
 
-import importlib.util
 import re
 from pathlib import Path
 
 import torch
-from conftest import TokenDataset, lora_model, training_args
+from conftest import TokenDataset, load_script, lora_model, training_args
 from test_fisher_callback import SequentialFWLoraTrainer
 from torch.utils.data import DataLoader
 
@@ -17,10 +16,7 @@ README_SECTION = "### In your own training loop (no Trainer)"
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("custom_loop", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLE)
 
 
 def test_readme_shows_the_example_verbatim():
