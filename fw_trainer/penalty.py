@@ -101,11 +101,11 @@ class FisherWeightedPenalty:
                 0-dim tensor, is welcome: no host read).
         """
         total = None
+        twice_scale = 2 * scale  # d/dX of c·P(X) is 2c times the factor below, per matrix
         with autocast_disabled(self._groups[0][0][0].device):
             for a_params, b_params, coefficients in self._groups:
                 a, b, gram_a, gram_b, per_matrix = self._terms(a_params, b_params)
-                # d/dX of c·P(X) is 2c times the factor below, per matrix: `c` broadcast over each matrix.
-                twice_scaled = (coefficients * (2 * scale)).view(-1, 1, 1)
+                twice_scaled = (coefficients * twice_scale).view(-1, 1, 1)  # `c` broadcast over each matrix
                 if self.penalty == "delta":
                     grad_a = torch.bmm(gram_b * twice_scaled, a)  # 2c BᵀB A
                     grad_b = torch.bmm(b, gram_a * twice_scaled)  # 2c B A Aᵀ
