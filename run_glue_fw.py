@@ -80,12 +80,11 @@ from fw_trainer import (
 from fw_trainer.cli_args import to_argv
 from fw_trainer.glue.data import TASK_TO_KEYS, glue_dir_from_env, load_glue_dir
 from fw_trainer.glue.metrics import PRIMARY_GLUE_METRIC, combined_score, glue_metric
+from fw_trainer.measurement import peak_memory_mb, reset_peak_memory
 from fw_trainer.run_artifacts import (
     ALL_RESULTS_FILE,
     is_finished_run,
-    peak_memory_mb,
     print_report,
-    reset_peak_memory,
     write_adapter_summary,
     write_delta_weight_norms,
     write_eval_predictions,

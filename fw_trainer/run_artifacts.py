@@ -6,13 +6,11 @@ harness. The callbacks write their own files under the names given here.
 
 import json
 import os
-import resource
 import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-import torch
 from torch import nn
 from transformers.trainer import TRAINER_STATE_NAME
 
@@ -144,24 +142,6 @@ def write_eval_predictions(
                 writer.write(f"{index}\t{label:.6g}\t{prediction:.6g}\n")
             else:
                 writer.write(f"{index}\t{int(label)}\t{int(prediction)}\n")
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Starts a new peak-memory measurement on the device the run trains on (CUDA keeps its own peak counter)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """
-    Peak memory of the device the run trains on, in MiB, and how it was measured: CUDA's peak allocation
-    (`cuda_max_memory_allocated`) when it trains on a GPU, else the process's peak resident set size (`cpu_max_rss`,
-    also on a machine that has a GPU but trains with `--use_cpu`). The script records both in `train_results.json` as
-    `train_peak_memory_mb` and `train_peak_memory_kind`.
-    """
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
 
 
 def print_report(eval_metrics: dict[str, Any], fisher_callback: Optional["FisherWarmupCallback"] = None) -> None:

@@ -14,9 +14,9 @@ from .adalora_callback import AdaLoraAllocationCallback
 from .adapted_matrices import find_adapted_matrices
 from .arguments import FWLoraArguments
 from .checkpoints import check_checkpoint, last_complete_checkpoint
-from .compile_stats import compile_stats
 from .errors import CheckpointError
 from .fisher_callback import FisherWarmupCallback
+from .measurement import compile_stats
 from .penalty import FisherWeightedPenalty
 from .run_identity import run_identity, write_run_identity
 

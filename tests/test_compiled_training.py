@@ -8,7 +8,7 @@ from conftest import TokenDataset, lora_model, training_args
 from transformers import TrainerCallback
 
 from fw_trainer import FWLoraTrainer
-from fw_trainer.compile_stats import compile_stats, reset_compile_stats
+from fw_trainer.measurement import compile_stats, reset_compile_stats
 
 
 class CompileStatsPerStep(TrainerCallback):

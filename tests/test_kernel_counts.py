@@ -1,14 +1,14 @@
-"""Kernel launches per training step, counted on the CPU with the profiler (see `op_counts.py`): on a GPU the step is
+"""Kernel launches per training step, counted on the CPU with the profiler (see `fw_trainer.measurement`): on a GPU the step is
 bound by the host launching kernels, so what FW-LoRA adds to a LoRA step must not grow with the number of adapted
 matrices (after the warm-up), and stays at two kernels per matrix during it."""
 
 import pytest
 import torch
 from conftest import TokenDataset, tiny_roberta, training_args
-from op_counts import count_launched_ops, launched_ops
 from transformers import TrainerCallback
 
 from fw_trainer import FisherWeightedPenalty, FWLoraArguments, FWLoraTrainer, build_peft_model, find_adapted_matrices
+from fw_trainer.measurement import count_launched_operators, launched_operators
 
 
 class ProfileStep(TrainerCallback):
@@ -27,7 +27,7 @@ class ProfileStep(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self._profile is not None and state.global_step == self.step:
             self._profile.__exit__(None, None, None)
-            self.counts = launched_ops(self._profile)
+            self.counts = launched_operators(self._profile)
             self._profile = None
 
 
@@ -53,7 +53,9 @@ def penalty_with_gradients(layers: int) -> FisherWeightedPenalty:
 
 def test_fused_penalty_gradient_launches_the_same_kernels_whatever_the_number_of_matrices():
     small, large = penalty_with_gradients(2), penalty_with_gradients(4)  # 12 and 24 matrices, 3 shapes each
-    fused = {name: count_launched_ops(lambda p=p: p.backward(0.1)) for name, p in (("small", small), ("large", large))}
+    fused = {
+        name: count_launched_operators(lambda p=p: p.backward(0.1)) for name, p in (("small", small), ("large", large))
+    }
     assert fused["small"] == fused["large"]
     # Per shape: two stacks, four small bmm, the value, and one multi-tensor add per factor; no per-tensor add.
     assert sum(fused["large"].values()) <= 15 * large.num_groups
@@ -61,7 +63,7 @@ def test_fused_penalty_gradient_launches_the_same_kernels_whatever_the_number_of
     assert "aten::add_" not in fused["large"]
     # The counter does see per-tensor work: autograd's path accumulates into each of the 48 more LoRA tensors.
     autograd = {
-        name: count_launched_ops(lambda p=p: p().backward()) for name, p in (("small", small), ("large", large))
+        name: count_launched_operators(lambda p=p: p().backward()) for name, p in (("small", small), ("large", large))
     }
     assert autograd["large"]["aten::add_"] - autograd["small"]["aten::add_"] == 24
 

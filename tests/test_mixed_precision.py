@@ -13,7 +13,7 @@ from conftest import TokenDataset, lora_model, training_args
 from test_run_glue_fw import common, glue_dir, read_json, run, tiny_model_dir  # noqa: F401 (fixtures)
 
 from fw_trainer import FWLoraTrainer
-from fw_trainer.run_artifacts import peak_memory_mb, reset_peak_memory
+from fw_trainer.measurement import peak_memory_mb, reset_peak_memory
 
 
 def fisher_and_importances(output_dir) -> tuple[torch.Tensor, torch.Tensor]:

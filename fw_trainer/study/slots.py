@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from ..measurement import CUDA_PEAK_KIND
 from .config import StudyConfigError
 from .run_metrics import METRICS_FILE
 
@@ -27,8 +28,6 @@ GIB = 2**30
 # compared with a GPU's free memory.
 MEMORY_MARGIN = 0.2
 CUDA_CONTEXT_GB = 1.0
-# The `train_peak_memory_kind` of a run that trained on a GPU (`fw_trainer.run_artifacts.peak_memory_mb`).
-CUDA_PEAK_KIND = "cuda_max_memory_allocated"
 # Asks for the free and total memory of each visible GPU in a child process (see `query_gpu_memory`).
 _MEMORY_PROBE = (
     "import json, torch; print(json.dumps([torch.cuda.mem_get_info(i) for i in range(torch.cuda.device_count())]))"
