@@ -1,20 +1,23 @@
 """Fisher-Weighted LoRA (FW-LoRA) for Hugging Face `Trainer` and `peft`."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
 
 from .adalora_callback import AdaLoraAllocationCallback
 from .adapted_matrices import AdaptedMatrix, find_adapted_matrices
 from .arguments import FWLoraArguments
 from .checkpoints import check_checkpoint, last_complete_checkpoint
 from .errors import CheckpointError, RunMismatchError, WarmupDivergedError
-from .fisher_callback import FisherWarmupCallback
 from .fisher_estimator import FisherEstimator
+from .fisher_warmup import FisherWarmupCallback
+from .identity import run_identity
 from .importance import bias_corrected, ema_update, normalize_importances
 from .measurement import compile_stats, reset_compile_stats
 from .model_builder import AdapterSummary, build_peft_model, rank_for_budget, resolve_target_modules
 from .penalty import FisherWeightedPenalty
-from .run_identity import run_identity
 from .trainer import FWLoraTrainer
+
+
+__version__ = version("fw-lora")
 
 
 __all__ = [

@@ -9,7 +9,7 @@ from peft.tuners.adalora import AdaLoraModel
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .arguments import resolve_schedule_steps
-from .run_artifacts import RANK_PATTERN_FILE, write_json_atomic
+from .state_files import RANK_PATTERN_FILE, write_json_atomic
 
 
 logger = logging.getLogger(__name__)

@@ -1,8 +1,9 @@
-"""Command-line arguments of the fine-tuning method (LoRA, AdaLoRA, FW-LoRA or full fine-tuning)."""
+"""Command-line arguments of the fine-tuning method (LoRA, AdaLoRA, FW-LoRA or full fine-tuning): the one place of
+their defaults, allowed values and checks, which the estimator and the penalty read too."""
 
 import math
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, NamedTuple, Optional
 
 
 METHODS = ("lora", "adalora", "fw_lora", "iw_lora", "full")
@@ -15,6 +16,49 @@ ESTIMATORS = ("auto", "exact", "sketch")
 # What `method="iw_lora"` (the earlier IW-LoRA proposal) sets, where the user leaves an option unset.
 IW_LORA_PRESET = {"fw_statistic": "norm", "fw_average": "mean", "fw_warmup_mode": "calibrate", "fw_warmup_steps": 200}
 FW_LORA_DEFAULTS = {"fw_statistic": "sq_norm", "fw_average": "ema", "fw_warmup_mode": "train", "fw_warmup_steps": 500}
+
+
+class Domain(NamedTuple):
+    """The numbers an option may take, and how a message says it (`text`): an interval, open or closed at each end,
+    integers only if `integer`. An infinite end is always open: NaN and infinities are refused wherever a finite
+    number is meant."""
+
+    text: str
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+
+    def __contains__(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            return False
+        if self.integer and not float(value).is_integer():
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open or math.isinf(self.high) else value <= self.high
+        return above and below
+
+
+# The numeric options' domains, by field name.
+DOMAINS = {
+    "lora_r": Domain("a positive integer", 1, integer=True),
+    "lora_budget": Domain("a percentage in (0, 100]", 0, 100, low_open=True),
+    "lora_alpha": Domain("greater than 0", 0, low_open=True),
+    "lora_dropout": Domain("in [0, 1)", 0, 1, high_open=True),
+    "adalora_init_r_ratio": Domain("at least 1", 1),
+    "adalora_tinit": Domain(">= 0", 0),
+    "adalora_tfinal": Domain(">= 0", 0),
+    "adalora_delta_t": Domain(">= 1", 1, integer=True),
+    "adalora_beta1": Domain("in (0, 1)", 0, 1, low_open=True, high_open=True),
+    "adalora_beta2": Domain("in (0, 1)", 0, 1, low_open=True, high_open=True),
+    "adalora_orth_reg_weight": Domain("greater than or equal to 0", 0),
+    "fw_lambda": Domain("greater than or equal to 0", 0),
+    "fw_warmup_steps": Domain("greater than or equal to 0", 0, integer=True),
+    "fw_sketch_probes": Domain("a positive integer", 1, integer=True),
+    "fw_ema_decay": Domain("in (0, 1)", 0, 1, low_open=True, high_open=True),
+    "fw_power": Domain("greater than or equal to 0", 0),
+}
 
 
 @dataclass
@@ -88,7 +132,7 @@ class FWLoraArguments:
             `"delta"`: the exact `‖scaling · B A‖_F²`; `"factors"`: `‖A‖_F² + ‖B‖_F²` as in the seed code.
     """
 
-    method: str = field(default="fw_lora", metadata={"help": f"Fine-tuning method, one of {', '.join(METHODS)}."})
+    method: str = field(default="fw_lora", metadata={"help": "Fine-tuning method.", "choices": METHODS})
     lora_r: Optional[int] = field(
         default=None,
         metadata={"help": "LoRA rank (AdaLoRA: final average rank). Defaults to 8 unless --lora_budget is given."},
@@ -126,106 +170,67 @@ class FWLoraArguments:
         default=None,
         metadata={
             "help": "train: measure while training LoRA (default); calibrate: K extra steps updating nothing, before "
-            "training (iw_lora's default)."
+            "training (iw_lora's default).",
+            "choices": WARMUP_MODES,
         },
     )
     fw_statistic: Optional[str] = field(
         default=None,
-        metadata={"help": "sq_norm: ||grad W||^2 (default); norm: ||grad W|| (iw_lora's default)."},
+        metadata={
+            "help": "sq_norm: ||grad W||^2 (default); norm: ||grad W|| (iw_lora's default).",
+            "choices": STATISTICS,
+        },
     )
     fw_average: Optional[str] = field(
-        default=None, metadata={"help": "ema: moving average (default); mean: running mean (iw_lora's default)."}
+        default=None,
+        metadata={
+            "help": "ema: moving average (default); mean: running mean (iw_lora's default).",
+            "choices": AVERAGES,
+        },
     )
     fw_estimator: str = field(
         default="auto",
         metadata={
             "help": "exact: one GEMM per matrix, keeps each adapted layer's input; sketch: unbiased estimate from "
-            "--fw_sketch_probes probes at LoRA's memory; auto (default): sketch on a GPU, exact on the CPU."
+            "--fw_sketch_probes probes at LoRA's memory; auto (default): sketch on a GPU, exact on the CPU.",
+            "choices": ESTIMATORS,
         },
     )
     fw_sketch_probes: int = field(default=8, metadata={"help": "Random probes k of the sketched estimator."})
     fw_ema_decay: float = field(default=0.98, metadata={"help": "Decay of the moving average."})
     fw_power: float = field(default=1.0, metadata={"help": "Exponent beta of the penalty weights (1 - I)^beta."})
     fw_normalization: str = field(
-        default="sum", metadata={"help": "Importance normalisation: sum (I = F / sum F, paper) or max (F / max F)."}
+        default="sum",
+        metadata={
+            "help": "Importance normalisation: sum (I = F / sum F, paper) or max (F / max F).",
+            "choices": NORMALIZATIONS,
+        },
     )
     fw_penalty: str = field(
         default="delta",
-        metadata={"help": "Penalty: delta (exact ||scaling * B A||_F^2) or factors (||A||^2 + ||B||^2, seed code)."},
+        metadata={
+            "help": "Penalty: delta (exact ||scaling * B A||_F^2) or factors (||A||^2 + ||B||^2, seed code).",
+            "choices": PENALTIES,
+        },
     )
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"`method` should be one of {METHODS}, but the value passed is {self.method!r}.")
+        check_option("method", self.method)
         # Options left unset take the method's value: the IW-LoRA preset or FW-LoRA's defaults.
         defaults = IW_LORA_PRESET if self.method == "iw_lora" else FW_LORA_DEFAULTS
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        for name, allowed in (
-            ("fw_estimator", ESTIMATORS),
-            ("fw_warmup_mode", WARMUP_MODES),
-            ("fw_statistic", STATISTICS),
-            ("fw_average", AVERAGES),
-            ("fw_normalization", NORMALIZATIONS),
-            ("fw_penalty", PENALTIES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"`{name}` should be one of {allowed}, but the value passed is {getattr(self, name)!r}."
-                )
-        if self.fw_sketch_probes < 1:
-            raise ValueError(
-                f"`fw_sketch_probes` should be a positive integer, but the value passed is {self.fw_sketch_probes}."
-            )
-        if self.fw_power < 0:
-            raise ValueError(
-                f"`fw_power` should be greater than or equal to 0, but the value passed is {self.fw_power}."
-            )
+        for option in fields(self):
+            value = getattr(self, option.name)
+            if value is not None and option.name != "method":
+                check_option(option.name, value)
         if self.lora_r is not None and self.lora_budget is not None:
             raise ValueError(
                 "`lora_r` and `lora_budget` are mutually exclusive: pass an explicit rank or a budget, not both."
             )
-        if self.lora_r is not None and self.lora_r < 1:
-            raise ValueError(f"`lora_r` should be a positive integer, but the value passed is {self.lora_r}.")
-        if self.lora_budget is not None and not 0 < self.lora_budget <= 100:
-            raise ValueError(
-                f"`lora_budget` should be a percentage in (0, 100], but the value passed is {self.lora_budget}."
-            )
-        if self.lora_alpha <= 0:
-            raise ValueError(f"`lora_alpha` should be greater than 0, but the value passed is {self.lora_alpha}.")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"`lora_dropout` should be in [0, 1), but the value passed is {self.lora_dropout}.")
         if self.lora_target_modules is not None and len(self.lora_target_modules) == 0:
             raise ValueError("`lora_target_modules` should name at least one module, but an empty list was passed.")
-        if self.adalora_init_r_ratio < 1:
-            raise ValueError(
-                f"`adalora_init_r_ratio` should be at least 1, but the value passed is {self.adalora_init_r_ratio}."
-            )
-        for name in ("adalora_tinit", "adalora_tfinal"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` should be >= 0, but the value passed is {getattr(self, name)}.")
-        if self.adalora_delta_t < 1:
-            raise ValueError(f"`adalora_delta_t` should be >= 1, but the value passed is {self.adalora_delta_t}.")
-        for name in ("adalora_beta1", "adalora_beta2"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"`{name}` should be in (0, 1), but the value passed is {getattr(self, name)}.")
-        if self.adalora_orth_reg_weight < 0:
-            raise ValueError(
-                "`adalora_orth_reg_weight` should be greater than or equal to 0, but the value passed is "
-                f"{self.adalora_orth_reg_weight}."
-            )
-        if self.fw_lambda < 0:
-            raise ValueError(
-                f"`fw_lambda` should be greater than or equal to 0, but the value passed is {self.fw_lambda}."
-            )
-        if self.fw_warmup_steps < 0:
-            raise ValueError(
-                f"`fw_warmup_steps` should be greater than or equal to 0, but the value passed is "
-                f"{self.fw_warmup_steps}."
-            )
-        if not 0 < self.fw_ema_decay < 1:
-            raise ValueError(f"`fw_ema_decay` should be in (0, 1), but the value passed is {self.fw_ema_decay}.")
 
     @property
     def uses_fisher_weights(self) -> bool:
@@ -241,3 +246,34 @@ class FWLoraArguments:
 def resolve_schedule_steps(value: float, total_steps: int) -> int:
     """A step count given either as an absolute number (>= 1) or as a fraction (< 1) of `total_steps`."""
     return int(value) if value >= 1 else int(math.floor(value * total_steps))
+
+
+def default_of(name: str) -> Any:
+    """The default of the [`FWLoraArguments`] field `name`; for an option whose default depends on the method, FW-LoRA's.
+    The estimator and the penalty take their keyword defaults from here, so no default is written twice."""
+    if name in FW_LORA_DEFAULTS:
+        return FW_LORA_DEFAULTS[name]
+    option = _FIELDS[name]
+    return option.default if option.default is not MISSING else option.default_factory()
+
+
+def check_option(name: str, value: Any, argument: Optional[str] = None) -> None:
+    """
+    Checks one value of the [`FWLoraArguments`] field `name` against its allowed values (the field's `choices`) or its
+    [`Domain`]; the dataclass and the classes that take the same option as a keyword argument (e.g. [`FisherEstimator`]
+    takes `fw_ema_decay` as `ema_decay`) all check it here. `argument` is the name the message gives the value (the
+    keyword argument of such a class), by default `name`.
+
+    Raises:
+        `ValueError`: Naming the option, what it should be and the value passed.
+    """
+    argument = argument or name
+    choices = _FIELDS[name].metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ValueError(f"`{argument}` should be one of {choices}, but the value passed is {value!r}.")
+    domain = DOMAINS.get(name)
+    if domain is not None and value not in domain:
+        raise ValueError(f"`{argument}` should be {domain.text}, but the value passed is {value!r}.")
+
+
+_FIELDS = {option.name: option for option in fields(FWLoraArguments)}

@@ -1,4 +1,5 @@
-"""The errors a user can cause when a run starts or resumes: scripts report them as one paragraph, without a traceback."""
+"""The errors a user can cause when a run starts or resumes: scripts report them as one paragraph, without a traceback
+(the GLUE script's `main` is the one place that does: [`USER_FAULTS`])."""
 
 from typing import Any
 
@@ -16,7 +17,12 @@ class _Absent:
 ABSENT = _Absent()
 
 
-class CheckpointError(ValueError):
+class UsageError(ValueError):
+    """Input a user gave (an argument, a file, a directory) that cannot run. The message says what is wrong and what to
+    do instead."""
+
+
+class CheckpointError(UsageError):
     """The checkpoint to resume from cannot be resumed: it does not exist, is not a checkpoint, is incomplete or
     damaged, or does not fit the model being trained. The message says which, and what to do."""
 
@@ -51,6 +57,10 @@ class RunMismatchError(CheckpointError):
 class WarmupDivergedError(RuntimeError):
     """The FW-LoRA warm-up (or IW-LoRA's calibration) ended without one finite micro-batch: every loss or gradient was
     NaN or infinite, so there is nothing to compute importances from."""
+
+
+# Every fault a user can cause, as a script reports it: bad input, and a warm-up that diverged from the first step.
+USER_FAULTS = (UsageError, WarmupDivergedError)
 
 
 def _describe_difference(name: str, saved: Any, asked: Any) -> str:

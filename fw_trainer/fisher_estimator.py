@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .adapted_matrices import AdaptedMatrix, find_adapted_matrices
-from .arguments import AVERAGES, ESTIMATORS, STATISTICS
+from .arguments import FWLoraArguments, check_option, default_of
 from .autocast import autocast_disabled
 from .importance import bias_corrected, ema_update, running_mean_update
 
@@ -96,25 +96,23 @@ class FisherEstimator:
     def __init__(
         self,
         model_or_matrices: Union[nn.Module, Sequence[AdaptedMatrix]],
-        statistic: str = "sq_norm",
-        average: str = "ema",
-        ema_decay: float = 0.98,
-        estimator: str = "auto",
-        sketch_probes: int = 8,
+        statistic: str = default_of("fw_statistic"),
+        average: str = default_of("fw_average"),
+        ema_decay: float = default_of("fw_ema_decay"),
+        estimator: str = default_of("fw_estimator"),
+        sketch_probes: int = default_of("fw_sketch_probes"),
         seed: int = 0,
         adapter_name: str = "default",
     ):
-        for name, value, allowed in (
-            ("statistic", statistic, STATISTICS),
-            ("average", average, AVERAGES),
-            ("estimator", estimator, ESTIMATORS),
+        # The options of `FWLoraArguments` without their `fw_` prefix: checked where they are defined.
+        for name, value in (
+            ("statistic", statistic),
+            ("average", average),
+            ("ema_decay", ema_decay),
+            ("estimator", estimator),
+            ("sketch_probes", sketch_probes),
         ):
-            if value not in allowed:
-                raise ValueError(f"`{name}` should be one of {allowed}, but the value passed is {value!r}.")
-        if not 0 < ema_decay < 1:
-            raise ValueError(f"`ema_decay` should be in (0, 1), but the value passed is {ema_decay}.")
-        if sketch_probes < 1:
-            raise ValueError(f"`sketch_probes` should be a positive integer, but the value passed is {sketch_probes}.")
+            check_option(f"fw_{name}", value, argument=name)
         self.statistic = statistic
         self.average = average
         self.ema_decay = ema_decay
@@ -148,6 +146,27 @@ class FisherEstimator:
         # the same tensor: it is sketched once).
         self._probes: dict[int, torch.Tensor] = {}
         self._last_sketch: Optional[tuple[weakref.ref, torch.Tensor]] = None
+
+    @classmethod
+    def from_args(
+        cls,
+        model_or_matrices: Union[nn.Module, Sequence[AdaptedMatrix]],
+        fw_args: FWLoraArguments,
+        seed: int = 0,
+        adapter_name: str = "default",
+    ) -> "FisherEstimator":
+        """The estimator that [`FWLoraArguments`] describe (`fw_statistic`, `fw_average`, `fw_ema_decay`,
+        `fw_estimator`, `fw_sketch_probes`)."""
+        return cls(
+            model_or_matrices,
+            statistic=fw_args.fw_statistic,
+            average=fw_args.fw_average,
+            ema_decay=fw_args.fw_ema_decay,
+            estimator=fw_args.fw_estimator,
+            sketch_probes=fw_args.fw_sketch_probes,
+            seed=seed,
+            adapter_name=adapter_name,
+        )
 
     # ----- public API -------------------------------------------------------------------------------------------
 

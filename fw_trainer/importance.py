@@ -4,6 +4,8 @@ import warnings
 
 import torch
 
+from .arguments import check_option, default_of
+
 
 def ema_update(
     ema: torch.Tensor, num_updates: torch.Tensor, step_value: torch.Tensor, valid: torch.Tensor, decay: float
@@ -49,7 +51,7 @@ def bias_corrected(ema: torch.Tensor, num_updates: torch.Tensor, decay: float) -
     return torch.where(num_updates > 0, ema / correction.clamp_min(torch.finfo(ema.dtype).tiny), torch.zeros_like(ema))
 
 
-def normalize_importances(fisher: torch.Tensor, normalization: str = "sum") -> torch.Tensor:
+def normalize_importances(fisher: torch.Tensor, normalization: str = default_of("fw_normalization")) -> torch.Tensor:
     """
     Normalised importances `I` of the adapted matrices from their Fisher proxies `F`.
 
@@ -63,8 +65,7 @@ def normalize_importances(fisher: torch.Tensor, normalization: str = "sum") -> t
         `torch.Tensor`: Importances of shape `(M,)`. If `F` is all zero (or not finite), every matrix gets the same
         importance (`1 / M` for `"sum"`, `1` for `"max"`) and a warning is issued.
     """
-    if normalization not in ("sum", "max"):
-        raise ValueError(f"`normalization` should be 'sum' or 'max', but the value passed is {normalization!r}.")
+    check_option("fw_normalization", normalization, argument="normalization")
     fisher = fisher.detach().float()
     denominator = fisher.sum() if normalization == "sum" else fisher.max()
     if not torch.isfinite(denominator) or denominator <= 0:
@@ -76,3 +77,9 @@ def normalize_importances(fisher: torch.Tensor, normalization: str = "sum") -> t
         uniform = 1.0 / fisher.numel() if normalization == "sum" else 1.0
         return torch.full_like(fisher, uniform)
     return fisher / denominator
+
+
+def penalty_weights(importances: torch.Tensor, power: float = default_of("fw_power")) -> torch.Tensor:
+    """The penalty weights `(1 − I_m)^β` of the importances `I`; β = 1 is FW-LoRA's form, β = 0 a uniform penalty."""
+    check_option("fw_power", power, argument="power")
+    return (1.0 - importances).pow(power)

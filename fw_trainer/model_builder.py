@@ -11,6 +11,7 @@ from torch import nn
 from .adapted_matrices import strip_peft_prefix
 from .architectures import ENCODER_TARGET_ROLES, role_pattern
 from .arguments import FWLoraArguments, resolve_schedule_steps
+from .errors import UsageError
 
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def resolve_target_modules(model: nn.Module, target_modules: Optional[list[str]]
             (`config.model_type`) of `ENCODER_TARGET_ROLES`; poolers and heads are never default targets.
 
     Raises:
-        `ValueError`: If a target matches nothing, or the architecture has no default and no targets are given.
+        `UsageError` (a `ValueError`): If a target matches nothing, or the architecture has no default and no targets are given.
     """
     heads = head_module_names(model)
     linear_names = [
@@ -120,7 +121,7 @@ def resolve_target_modules(model: nn.Module, target_modules: Optional[list[str]]
     if target_modules is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in ENCODER_TARGET_ROLES:
-            raise ValueError(
+            raise UsageError(
                 f"No default LoRA targets are known for model_type {model_type!r} (known: "
                 f"{', '.join(sorted(ENCODER_TARGET_ROLES))}). Pass the linear layers to adapt explicitly, e.g. "
                 "`--lora_target_modules query_proj key_proj value_proj` (names or name suffixes)."
@@ -128,7 +129,7 @@ def resolve_target_modules(model: nn.Module, target_modules: Optional[list[str]]
         patterns = {role: role_pattern(suffix) for role, suffix in ENCODER_TARGET_ROLES[model_type].items()}
         missing = [role for role, pattern in patterns.items() if not any(pattern.search(n) for n in linear_names)]
         if missing:
-            raise ValueError(
+            raise UsageError(
                 f"The default {model_type} LoRA targets found no layer for the role(s) {', '.join(missing)}: this "
                 "model does not have the usual layout. Pass the layers to adapt with `--lora_target_modules`."
             )
@@ -138,7 +139,7 @@ def resolve_target_modules(model: nn.Module, target_modules: Optional[list[str]]
     for target in target_modules:
         matches = [name for name in linear_names if name == target or name.endswith("." + target)]
         if not matches:
-            raise ValueError(
+            raise UsageError(
                 f"The LoRA target {target!r} matches no linear layer of the model (outside the classification "
                 f"head). Linear layers look like: {', '.join(linear_names[:6])}, ... Fix `lora_target_modules`."
             )
@@ -160,7 +161,7 @@ def rank_for_budget(model: nn.Module, target_modules: list[str], budget_percent:
     base model's parameters (ties round up).
 
     Raises:
-        `ValueError`: If even rank 1 is closer to zero than to the budget, i.e. the budget is too small.
+        `UsageError` (a `ValueError`): If even rank 1 is closer to zero than to the budget, i.e. the budget is too small.
     """
     modules = dict(model.named_modules())
     params_per_rank = sum(modules[name].in_features + modules[name].out_features for name in target_modules)
@@ -168,7 +169,7 @@ def rank_for_budget(model: nn.Module, target_modules: list[str], budget_percent:
     exact = budget_percent / 100.0 * base_params / params_per_rank
     rank = math.floor(exact + 0.5)
     if rank < 1:
-        raise ValueError(
+        raise UsageError(
             f"A budget of {budget_percent}% of {base_params:,} base parameters is too small for rank 1 on "
             f"{len(target_modules)} matrices: rank 1 already costs {params_per_rank:,} parameters "
             f"({100.0 * params_per_rank / base_params:.4f}%). Raise `lora_budget` or adapt fewer modules."

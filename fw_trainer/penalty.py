@@ -7,6 +7,7 @@ from typing import Union
 import torch
 
 from .adapted_matrices import AdaptedMatrix
+from .arguments import check_option, default_of
 from .autocast import autocast_disabled
 
 
@@ -37,9 +38,10 @@ class FisherWeightedPenalty:
         penalty (`str`, *optional*, defaults to `"delta"`): `"delta"` or `"factors"`.
     """
 
-    def __init__(self, matrices: Sequence[AdaptedMatrix], weights: torch.Tensor, penalty: str = "delta"):
-        if penalty not in ("delta", "factors"):
-            raise ValueError(f"`penalty` should be 'delta' or 'factors', but the value passed is {penalty!r}.")
+    def __init__(
+        self, matrices: Sequence[AdaptedMatrix], weights: torch.Tensor, penalty: str = default_of("fw_penalty")
+    ):
+        check_option("fw_penalty", penalty, argument="penalty")
         if len(matrices) != weights.numel():
             raise ValueError(f"Got {len(matrices)} matrices but {weights.numel()} weights.")
         self.penalty = penalty

@@ -2,7 +2,6 @@
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
 from typing import Any, Optional, Union
 
 import torch
@@ -11,22 +10,16 @@ from transformers import Trainer, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
 from .adalora_callback import AdaLoraAllocationCallback
-from .adapted_matrices import find_adapted_matrices
 from .arguments import FWLoraArguments
 from .checkpoints import check_checkpoint, last_complete_checkpoint
 from .errors import CheckpointError
-from .fisher_callback import FisherWarmupCallback
+from .fisher_warmup import FisherWarmupCallback
+from .identity import run_identity, write_run_identity
 from .measurement import compile_stats
 from .penalty import FisherWeightedPenalty
-from .run_identity import run_identity, write_run_identity
 
 
 logger = logging.getLogger(__name__)
-
-
-def _cycle(dataloader: Iterable) -> Iterator:
-    while True:
-        yield from dataloader
 
 
 class FWLoraTrainer(Trainer):
@@ -53,8 +46,10 @@ class FWLoraTrainer(Trainer):
       gradient-accumulation steps; transformers would otherwise skip that division for models whose `forward` takes
       `**kwargs` but ignores `num_items_in_batch` (RoBERTa, BERT), making the gradient GA times too large.
 
-    The warm-up schedule, the freeze and `fw_importance.json` are [`FisherWarmupCallback`]'s, the measurement is its
-    [`FisherEstimator`]'s. The same class runs `lora` (nothing added), `adalora` (with [`AdaLoraAllocationCallback`])
+    The warm-up, in both modes (its schedule, IW-LoRA's calibration, the freeze, `fw_importance.json`, the penalty of
+    the frozen importances), is [`FisherWarmupCallback`]'s, the measurement its [`FisherEstimator`]'s: the trainer
+    calls `loss_to_backpropagate`, `awaits_calibration`/`calibrate`, `penalty`, `importances_to_log`, `check_resume`,
+    `save` and `stop`, and nothing else of it. The same class runs `lora` (nothing added), `adalora` (with [`AdaLoraAllocationCallback`])
     and `full`, so timings and results compare like for like.
 
     Args:
@@ -88,10 +83,7 @@ class FWLoraTrainer(Trainer):
         # Never hand `num_items_in_batch` to the model: the loss stays a per-micro-batch mean (see the docstring).
         self.model_accepts_loss_kwargs = False
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
-        self._penalty: Optional[FisherWeightedPenalty] = None
-        self._penalty_importances: Optional[torch.Tensor] = None
-        self._penalty_lambda: Optional[torch.Tensor] = None  # λ on the adapters' device, made with the penalty
-        self._logged_importances: Optional[torch.Tensor] = None
+        self._penalty_lambda: Optional[torch.Tensor] = None  # λ on the adapters' device, made at the first penalty
 
         self.fisher_callback: Optional[FisherWarmupCallback] = None
         self.adalora_callback: Optional[AdaLoraAllocationCallback] = None
@@ -109,7 +101,7 @@ class FWLoraTrainer(Trainer):
         arguments, before building the trial's model from them.
         """
         self.fw_args = fw_args
-        self._penalty = None
+        self._penalty_lambda = None
         self._add_method_callbacks()
 
     def _add_method_callbacks(self) -> None:
@@ -119,17 +111,7 @@ class FWLoraTrainer(Trainer):
                 self.remove_callback(callback)
         self.fisher_callback = self.adalora_callback = None
         if self.fw_args.uses_fisher_weights:
-            self.fisher_callback = FisherWarmupCallback(
-                warmup_steps=self.fw_args.fw_warmup_steps,
-                ema_decay=self.fw_args.fw_ema_decay,
-                normalization=self.fw_args.fw_normalization,
-                statistic=self.fw_args.fw_statistic,
-                average=self.fw_args.fw_average,
-                power=self.fw_args.fw_power,
-                estimator=self.fw_args.fw_estimator,
-                sketch_probes=self.fw_args.fw_sketch_probes,
-                warmup_mode=self.fw_args.fw_warmup_mode,
-            )
+            self.fisher_callback = FisherWarmupCallback(self.fw_args)
             self.add_callback(self.fisher_callback)
         elif self.fw_args.method == "adalora":
             self.adalora_callback = AdaLoraAllocationCallback(self.fw_args.adalora_tinit, self.fw_args.adalora_tfinal)
@@ -150,26 +132,22 @@ class FWLoraTrainer(Trainer):
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         except BaseException:
-            # A run that dies in the warm-up (an error, Ctrl-C in a notebook) must not leave its hooks installed and
-            # compiled code forced to run eagerly in the process (see `FisherEstimator.start`).
-            if self.fisher_callback is not None and self.fisher_callback.is_measuring:
-                self.fisher_callback.estimator.stop()
+            if self.fisher_callback is not None:
+                self.fisher_callback.stop()
             raise
 
     def check_resume(self, checkpoint_dir: str) -> None:
         """
         Checks that this run can resume from `checkpoint_dir`, before anything is loaded or written: a complete
         checkpoint of the same run ([`check_checkpoint`]: the identity, the weights) and, for FW-LoRA and IW-LoRA, a
-        consistent `fw_importance.json` (read here, applied when training begins). `train` calls it; a script may call
-        it earlier, before it writes anything itself.
+        consistent `fw_importance.json` (read here, applied when training begins). `train` calls it.
 
         Raises:
             `CheckpointError`: Saying what is wrong and what to do; a [`RunMismatchError`] for another run.
         """
         check_checkpoint(checkpoint_dir, self.model, self.identity())
         if self.fisher_callback is not None:
-            names = [matrix.name for matrix in find_adapted_matrices(self.model)]
-            self.fisher_callback.load(checkpoint_dir, names)
+            self.fisher_callback.check_resume(checkpoint_dir, self.model)
 
     def identity(self) -> dict[str, Any]:
         """What this run is: the [`run_identity`] of the model, the method, the training arguments and `run_data`."""
@@ -182,19 +160,37 @@ class FWLoraTrainer(Trainer):
         num_items_in_batch: Optional[Union[torch.Tensor, int]] = None,
     ) -> torch.Tensor:
         """
-        `Trainer.training_step`; with IW-LoRA's calibration still to run, runs it first (see [`_calibrate`]). Once the
-        importances are frozen, the last micro-batch of each optimizer step adds the penalty's gradient (see
-        [`_add_penalty_gradient`]) and the penalty to the loss it reports.
+        `Trainer.training_step`; with IW-LoRA's calibration still to run, the warm-up runs it first, through
+        [`_calibration_backward`]. Once the importances are frozen, the last micro-batch of each optimizer step adds
+        the penalty's gradient (see [`_add_penalty_gradient`]) and the penalty to the loss it reports.
         """
-        callback = self.fisher_callback
-        if callback is not None and callback.awaits_calibration:
-            self._calibrate(model)
+        warmup = self.fisher_callback
+        if warmup is not None and warmup.awaits_calibration:
+            model.train()
+            warmup.calibrate(
+                lambda batch: self._calibration_backward(model, batch),
+                self.callback_handler.train_dataloader,
+                self.args,
+                self.state,
+            )
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if callback is not None and callback.frozen and self.fw_args.fw_lambda > 0 and self.accelerator.sync_gradients:
-            loss = loss + self._add_penalty_gradient().to(loss.dtype)
+        penalty = warmup.penalty if warmup is not None else None
+        if penalty is not None and self.fw_args.fw_lambda > 0 and self.accelerator.sync_gradients:
+            loss = loss + self._add_penalty_gradient(penalty).to(loss.dtype)
         return loss
 
-    def _add_penalty_gradient(self) -> torch.Tensor:
+    def _calibration_backward(self, model: nn.Module, batch: dict[str, Any]) -> None:
+        """One micro-batch of IW-LoRA's calibration: forward, the task loss through the warm-up, backward, and the
+        gradients dropped (nothing is updated)."""
+        inputs = self._prepare_inputs(batch)
+        # No all-reduce of gradients that nobody uses: each process measures its own micro-batches.
+        with self.accelerator.no_sync(model):
+            with self.compute_loss_context_manager():
+                loss = super().compute_loss(model, inputs)
+            self.accelerator.backward(self.fisher_callback.loss_to_backpropagate(loss))
+        model.zero_grad(set_to_none=True)
+
+    def _add_penalty_gradient(self, penalty: FisherWeightedPenalty) -> torch.Tensor:
         """
         Adds `λ ∇R` to the LoRA gradients and returns `λ R`. `R` does not depend on the data, so its gradient is added
         once per optimizer step, after the last micro-batch's backward pass, through [`FisherWeightedPenalty.backward`]:
@@ -203,48 +199,19 @@ class FWLoraTrainer(Trainer):
         `λ R` to every micro-batch's loss would give: the gradient-accumulation division and the DDP mean of a term
         equal on every micro-batch and process leave it unchanged. Gradient clipping, which comes next, sees it.
         """
-        callback = self.fisher_callback
-        # Built once per freeze (a resume or a new model from `model_init` brings new importances).
-        if self._penalty is None or self._penalty_importances is not callback.importances:
-            self._penalty = FisherWeightedPenalty(callback.matrices, callback.penalty_weights, self.fw_args.fw_penalty)
-            self._penalty_importances = callback.importances
-            self._penalty_lambda = callback.penalty_weights.new_tensor(self.fw_args.fw_lambda)
+        if self._penalty_lambda is None:
+            self._penalty_lambda = self.fisher_callback.importances.new_tensor(self.fw_args.fw_lambda)
         scale = self._penalty_lambda
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             # fp16: the task gradients carry the loss scale until the clipping unscales them; so must this one
             # (`GradScaler.scale` multiplies on the device: no host read).
             scale = scaler.scale(scale)
-        penalty = self._penalty.backward(scale)
-        weighted = self._penalty_lambda * penalty
-        self._metrics["fw_penalty"].append(penalty)
+        value = penalty.backward(scale)
+        weighted = self._penalty_lambda * value
+        self._metrics["fw_penalty"].append(value)
         self._metrics["fw_weighted_penalty"].append(weighted)
         return weighted
-
-    def _calibrate(self, model: nn.Module) -> None:
-        """
-        IW-LoRA's calibration, on the prepared model: `fw_warmup_steps` steps of `gradient_accumulation_steps`
-        forward/backward passes each, over the training data from its start, measured by the Fisher estimator. No
-        gradient is kept and no optimizer or scheduler step is taken or counted; then the importances are frozen.
-        """
-        callback = self.fisher_callback
-        estimator = callback.estimator
-        batches = _cycle(self.callback_handler.train_dataloader)
-        model.train()
-        estimator.start()
-        for _ in range(callback.warmup_steps):
-            for _ in range(self.args.gradient_accumulation_steps):
-                inputs = self._prepare_inputs(next(batches))
-                # No all-reduce of gradients that nobody uses: each process measures its own micro-batches.
-                with self.accelerator.no_sync(model):
-                    with self.compute_loss_context_manager():
-                        loss = super().compute_loss(model, inputs)
-                    self.accelerator.backward(estimator.loss_to_backpropagate(loss))
-                model.zero_grad(set_to_none=True)
-                estimator.fold_micro_batch()
-            estimator.end_step()
-        logger.info("IW-LoRA calibration: %d steps measured, nothing updated.", callback.warmup_steps)
-        callback.freeze(self.args, self.state)
 
     def compute_loss(
         self,
@@ -258,10 +225,9 @@ class FWLoraTrainer(Trainer):
             return (loss, outputs) if return_outputs else loss
 
         self._metrics["task_loss"].append(loss.detach())
-        callback = self.fisher_callback
-        if callback is not None and callback.is_measuring:
-            # Lets the estimator's hooks undo what scales the loss from here on (1 / GA, an fp16 loss scale).
-            loss = callback.estimator.loss_to_backpropagate(loss)
+        if self.fisher_callback is not None:
+            # Lets the warm-up's hooks undo what scales the loss from here on (1 / GA, an fp16 loss scale).
+            loss = self.fisher_callback.loss_to_backpropagate(loss)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
@@ -279,15 +245,13 @@ class FWLoraTrainer(Trainer):
             if self.adalora_callback is not None and self.adalora_callback.budget is not None:
                 logs["adalora_total_rank"] = float(self.adalora_callback.budget)
                 logs["adalora_mean_rank"] = self.adalora_callback.budget / self.adalora_callback.num_matrices
-            callback = self.fisher_callback
-            if callback is not None and callback.frozen and self._logged_importances is not callback.importances:
-                for matrix, importance in zip(callback.matrices, callback.importances.tolist()):
-                    logs[f"fw_importance/{matrix.name}"] = importance
-                self._logged_importances = callback.importances
-                self._log_importance_heatmap()
+            importances = self.fisher_callback.importances_to_log() if self.fisher_callback is not None else None
+            if importances is not None:
+                logs.update({f"fw_importance/{name}": value for name, value in importances.items()})
+                self._log_importance_heatmap(importances)
         super().log(logs, start_time)
 
-    def _log_importance_heatmap(self) -> None:
+    def _log_importance_heatmap(self, importances: dict[str, float]) -> None:
         """The frozen importances as a layer × module-role heatmap image in TensorBoard (`fw_importance/heatmap`)."""
         writers = [
             cb.tb_writer
@@ -298,11 +262,8 @@ class FWLoraTrainer(Trainer):
             return
         from .heatmap import heatmap_figure  # matplotlib is imported when a figure is drawn, not with the trainer
 
-        callback = self.fisher_callback
-        values = {
-            matrix.name: importance for matrix, importance in zip(callback.matrices, callback.importances.tolist())
-        }
-        figure = heatmap_figure({f"importances frozen at step {callback.frozen_at_step}": values}, "importance I")
+        title = f"importances frozen at step {self.fisher_callback.frozen_at_step}"
+        figure = heatmap_figure({title: importances}, "importance I")
         for writer in writers:
             writer.add_figure("fw_importance/heatmap", figure, self.state.global_step, close=False)
             writer.flush()

@@ -16,13 +16,13 @@ import sys
 from pathlib import Path
 
 
-# This checkout's `run_glue_fw` and `fw_trainer`, whatever else is installed.
+# This checkout's `fw_trainer`, whatever else is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import TrainerState  # noqa: E402
 
-import run_glue_fw  # noqa: E402
-from fw_trainer.run_artifacts import IMPORTANCE_FILE  # noqa: E402
+from fw_trainer.glue import run as run_glue_fw  # noqa: E402
+from fw_trainer.state_files import IMPORTANCE_FILE  # noqa: E402
 
 
 def die() -> None:

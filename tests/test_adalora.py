@@ -8,7 +8,7 @@ from conftest import TokenDataset, lora_model, training_args
 from peft.tuners.adalora import AdaLoraModel
 
 from fw_trainer import FWLoraTrainer
-from fw_trainer.run_artifacts import RANK_PATTERN_FILE
+from fw_trainer.state_files import RANK_PATTERN_FILE
 
 
 def adalora_trainer(output_dir, max_steps=10, **kwargs):

@@ -1,9 +1,14 @@
 """Validation of `FWLoraArguments` and parsing next to `TrainingArguments`."""
 
+import inspect
+
 import pytest
+from conftest import lora_model
 from transformers import HfArgumentParser, TrainingArguments
 
-from fw_trainer import FWLoraArguments
+from fw_trainer import FisherEstimator, FisherWeightedPenalty, FWLoraArguments, normalize_importances
+from fw_trainer.arguments import ESTIMATORS, METHODS, NORMALIZATIONS, PENALTIES
+from fw_trainer.importance import penalty_weights
 
 
 @pytest.mark.parametrize(
@@ -53,3 +58,51 @@ def test_bad_value_on_the_command_line_fails():
     parser = HfArgumentParser((FWLoraArguments,))
     with pytest.raises(ValueError, match="`fw_lambda`"):
         parser.parse_args_into_dataclasses(["--fw_lambda", "-1"])
+
+
+def test_help_lists_the_allowed_values_and_the_parser_rejects_others():
+    parser = HfArgumentParser(FWLoraArguments)
+    help_text = " ".join(parser.format_help().split())
+    for values in (METHODS, ESTIMATORS, NORMALIZATIONS, PENALTIES):
+        assert "{" + ",".join(values) + "}" in help_text
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--fw_estimator", "exactly"])
+
+
+# The keyword arguments of the classes a custom loop uses, by the `FWLoraArguments` field they stand for.
+KEYWORD_OPTIONS = [
+    (FisherEstimator, "statistic", "fw_statistic"),
+    (FisherEstimator, "average", "fw_average"),
+    (FisherEstimator, "ema_decay", "fw_ema_decay"),
+    (FisherEstimator, "estimator", "fw_estimator"),
+    (FisherEstimator, "sketch_probes", "fw_sketch_probes"),
+    (FisherWeightedPenalty, "penalty", "fw_penalty"),
+    (normalize_importances, "normalization", "fw_normalization"),
+    (penalty_weights, "power", "fw_power"),
+]
+
+
+@pytest.mark.parametrize("owner, keyword, option", KEYWORD_OPTIONS)
+def test_keyword_defaults_are_the_dataclass_defaults(owner, keyword, option):
+    assert inspect.signature(owner).parameters[keyword].default == getattr(FWLoraArguments(), option)
+
+
+def test_the_estimator_checks_its_options_where_the_dataclass_does():
+    model, _ = lora_model()
+    for keyword, value in (("ema_decay", 1.5), ("estimator", "approximate"), ("sketch_probes", 0)):
+        with pytest.raises(ValueError, match=f"`{keyword}` should be"):
+            FisherEstimator(model, **{keyword: value})
+
+
+def test_from_args_builds_the_estimator_the_arguments_describe():
+    model, fw_args = lora_model(method="iw_lora", fw_estimator="sketch", fw_sketch_probes=3, fw_ema_decay=0.9)
+    estimator = FisherEstimator.from_args(model, fw_args, seed=7)
+    assert (estimator.statistic, estimator.average, estimator.estimator) == ("norm", "mean", "sketch")
+    assert (estimator.sketch_probes, estimator.ema_decay, estimator.seed) == (3, 0.9, 7)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("option", ["fw_lambda", "fw_power", "lora_alpha", "adalora_orth_reg_weight"])
+def test_non_finite_numbers_are_refused(option, value):
+    with pytest.raises(ValueError, match=f"`{option}` should be"):
+        FWLoraArguments(**{option: value})

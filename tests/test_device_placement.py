@@ -101,8 +101,9 @@ def _untrapped(attribute):
     return attribute.__wrapped__
 
 
-# Every method and property of FW-LoRA's own tensor code; the trainer's calibration loop (`_calibrate`) is left out
-# because it runs the model's forward (transformers' code), but everything it calls on FW-LoRA's side is in the list.
+# Every method and property of FW-LoRA's own tensor code; IW-LoRA's calibration loop (`calibrate`, with the trainer's
+# `_calibration_backward`) is left out because it runs the dataloader and the model's forward (transformers' code), but
+# everything it calls on FW-LoRA's side is in the list.
 FOREIGN_DEFAULT_METHODS = {
     FisherEstimator: (
         "__init__",
@@ -120,6 +121,7 @@ FOREIGN_DEFAULT_METHODS = {
     ),
     FisherWarmupCallback: (
         "penalty_weights",
+        "penalty",
         "_setup",
         "freeze",
         "on_train_begin",
@@ -240,4 +242,5 @@ def test_no_host_sync_per_training_step(tmp_path, monkeypatch, estimator):
     # Step 3 ends with the freeze (the importances are read once, for the table and fw_importance.json); step 5's
     # logging reads the averaged metrics. No other step reads anything.
     assert steps == [3, 5], spy.syncs
-    assert {where.split(" in ")[1] for step, where in spy.syncs if step == 5} == {"log"}
+    # `log` reads the averages, and through the warm-up's `importances_to_log` the importances it reports once.
+    assert {where.split(" in ")[1] for step, where in spy.syncs if step == 5} == {"log", "importances_to_log"}

@@ -12,8 +12,8 @@ from conftest import DEVICES, TokenDataset, lora_model, training_args
 from torch.utils.data import SequentialSampler
 from transformers import TrainerCallback
 
-from fw_trainer import FisherEstimator, FisherWarmupCallback, FWLoraTrainer, find_adapted_matrices
-from fw_trainer.run_artifacts import IMPORTANCE_FILE
+from fw_trainer import FisherEstimator, FisherWarmupCallback, FWLoraArguments, FWLoraTrainer, find_adapted_matrices
+from fw_trainer.state_files import IMPORTANCE_FILE
 
 
 class SequentialFWLoraTrainer(FWLoraTrainer):
@@ -272,4 +272,4 @@ def test_lora_method_installs_no_hooks(tmp_path):
 
 def test_table_before_training_says_why_it_is_empty():
     with pytest.raises(RuntimeError, match="set up when training begins"):
-        FisherWarmupCallback(warmup_steps=3).format_table()
+        FisherWarmupCallback(FWLoraArguments(fw_warmup_steps=3)).format_table()

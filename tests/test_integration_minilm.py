@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from fw_trainer import FWLoraArguments, FWLoraTrainer, build_peft_model
-from fw_trainer.run_artifacts import IMPORTANCE_FILE
+from fw_trainer.state_files import IMPORTANCE_FILE
 
 
 NUM_LAYERS = 6

@@ -108,4 +108,4 @@ def test_power_of_the_penalty_weights(tmp_path):
     weights = (1 - importances) ** 3
     torch.testing.assert_close(trainer.fisher_callback.penalty_weights, weights)
     expected = brute_force(find_adapted_matrices(model), weights, "delta")
-    torch.testing.assert_close(trainer._penalty(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(trainer.fisher_callback.penalty(), expected, rtol=1e-5, atol=0)

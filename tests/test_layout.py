@@ -1,7 +1,9 @@
 """The package's architecture, read from its imports: a core that any training loop can use, GLUE support and the
-study harness on top of it, matplotlib only where a figure is drawn, and no import cycle."""
+study harness on top of it, matplotlib only where a figure is drawn, no import cycle, rooms of a readable size."""
 
 import ast
+import importlib.metadata
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +39,7 @@ def imports(path: Path, top_level: bool = True) -> set[str]:
     return names
 
 
+PATHS = {module_name(path): path for path in PACKAGE.rglob("*.py")}
 MODULES = {module_name(path): imports(path) for path in PACKAGE.rglob("*.py")}
 # With the imports made inside functions, which a direction between layers must not have either.
 ALL_IMPORTS = {module_name(path): imports(path, top_level=False) for path in PACKAGE.rglob("*.py")}
@@ -66,7 +69,9 @@ def test_matplotlib_only_where_a_figure_is_drawn():
 
 
 def test_no_import_cycle():
-    graph = {name: {i for i in imported if i in MODULES and i != name} for name, imported in MODULES.items()}
+    # Imports inside functions and under `TYPE_CHECKING` count: a cycle hidden there is still two modules that need
+    # each other.
+    graph = {name: {i for i in imported if i in MODULES and i != name} for name, imported in ALL_IMPORTS.items()}
     # A package imports its submodules through `__init__`; a cycle through a package's own `__init__` is not one.
     for name in graph:
         graph[name] = {i for i in graph[name] if not name.startswith(i + ".")}
@@ -84,3 +89,28 @@ def test_no_import_cycle():
 
     for node in graph:
         visit(node, [])
+
+
+def test_no_module_over_400_lines():
+    sizes = {name: len(path.read_text().splitlines()) for name, path in PATHS.items()}
+    assert {name: size for name, size in sizes.items() if size > 400} == {}
+
+
+def test_no_module_shares_its_name_with_a_package_attribute():
+    # `fw_trainer.x` must be one thing: a module `x.py` and a function `x` exported by `__init__` would shadow each other.
+    import fw_trainer
+
+    for name in MODULES:
+        package, _, leaf = name.rpartition(".")
+        if package:
+            attribute = getattr(__import__(package, fromlist=[leaf]), leaf, None)
+            assert attribute is None or inspect.ismodule(attribute), name
+    assert not {name for name in fw_trainer.__all__ if f"fw_trainer.{name}" in MODULES}
+
+
+def test_version_comes_from_the_package_metadata():
+    import fw_trainer
+
+    assert fw_trainer.__version__ == importlib.metadata.version("fw-lora")
+    # Nothing imports it back up from `__init__` (a module of the package reading its own package).
+    assert not [name for name, imported in ALL_IMPORTS.items() if "fw_trainer.__version__" in imported]

@@ -19,8 +19,8 @@ from fw_trainer import (
     run_identity,
 )
 from fw_trainer.errors import ABSENT
-from fw_trainer.run_artifacts import IMPORTANCE_FILE, RUN_IDENTITY_FILE
-from fw_trainer.run_identity import TRAINING_FIELDS
+from fw_trainer.identity import TRAINING_FIELDS
+from fw_trainer.state_files import IMPORTANCE_FILE, RUN_IDENTITY_FILE
 
 
 # The fields of the run part of the identity, by method; `data.task` is the default data description.

@@ -5,7 +5,6 @@ import glob
 import json
 import os
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,9 +28,7 @@ from transformers import (
     XLMRobertaConfig,
 )
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import run_glue_fw  # noqa: E402
+from fw_trainer.glue import run as run_glue_fw
 
 
 WORDS = "good great fine nice bad awful poor sad the a movie film plot was is very not quite".split()

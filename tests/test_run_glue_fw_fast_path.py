@@ -6,8 +6,8 @@ import torch
 from test_run_glue_fw import common, glue_dir, read_json, run, tiny_model_dir  # noqa: F401 (fixtures)
 from transformers import TrainingArguments
 
-import run_glue_fw
 from fw_trainer import reset_compile_stats
+from fw_trainer.glue import arguments as glue_arguments
 
 
 @pytest.mark.parametrize(
@@ -21,11 +21,11 @@ from fw_trainer import reset_compile_stats
     ],
 )
 def test_padding_multiple(options, expected, tmp_path):
-    data_args = run_glue_fw.DataTrainingArguments(
+    data_args = glue_arguments.DataTrainingArguments(
         task_name="sst2", pad_to_multiple_of=options.pop("pad_to_multiple_of", None)
     )
     training_args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **options)
-    assert run_glue_fw.padding_multiple(data_args, training_args) == expected
+    assert glue_arguments.padding_multiple(data_args, training_args) == expected
 
 
 def test_fw_lora_compiled_end_to_end(tiny_model_dir, glue_dir, tmp_path):  # noqa: F811

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from test_run_glue_fw import common, glue_dir, read_json, run, tiny_model_dir  # noqa: F401
 from transformers import AutoModelForSequenceClassification
 
-import run_glue_fw
 from fw_trainer.checkpoints import is_complete_checkpoint
-from fw_trainer.run_artifacts import IMPORTANCE_FILE, RUN_IDENTITY_FILE
+from fw_trainer.glue import run as run_glue_fw
+from fw_trainer.state_files import IMPORTANCE_FILE, RUN_IDENTITY_FILE
 
 
 WORKER = Path(__file__).resolve().parent / "interrupted_worker.py"

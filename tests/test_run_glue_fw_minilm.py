@@ -1,15 +1,12 @@
 """`run_glue_fw.py` on real parts: the pretrained all-MiniLM-L6-v2 fine-tuned with FW-LoRA on real SST-2 rows."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from test_integration_minilm import glue_dir
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import run_glue_fw  # noqa: E402
+from fw_trainer.glue import run as run_glue_fw
 
 
 def test_fw_lora_reaches_80_percent_on_sst2_dev(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from test_run_glue_fw import common, glue_dir, read_json, run, run_glue_fw, tiny_model_dir  # noqa: F401
 
-from fw_trainer.cli_args import to_argv
+from fw_trainer.glue.arguments import to_argv
 from fw_trainer.study.config import StudyConfig
 
 

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import Trainer
 
 from fw_trainer import FWLoraTrainer, find_adapted_matrices
-from fw_trainer.run_artifacts import IMPORTANCE_FILE
+from fw_trainer.state_files import IMPORTANCE_FILE
 
 
 def losses(trainer):

@@ -23,11 +23,12 @@ from typing import Optional
 import numpy as np
 
 from ..glue.data import GLUE_LABEL_NAMES
+from ..glue.run_outputs import EVAL_PREDICTIONS_FILE
 from ..heatmap import heatmap_figure
-from ..run_artifacts import EVAL_PREDICTIONS_FILE
+from ..state_files import write_json_atomic
 from .config import SEED_AXIS, StudyConfig, StudyConfigError
 from .figures import bar_chart_figure, confusion_matrix_figure, save_figure, training_curves_figure
-from .run_metrics import METRICS_FILE, write_json_atomic
+from .run_metrics import METRICS_FILE
 from .statistics import mcnemar, paired_tests, summarize
 
 

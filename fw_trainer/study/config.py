@@ -72,7 +72,8 @@ class StudyConfig:
     axes: dict[str, dict[str, dict[str, Any]]]
     args: dict[str, Any] = field(default_factory=dict)
     base_config: Optional[str] = None
-    script: str = "run_glue_fw.py"
+    # A script to run instead of the installed GLUE runner (`python -m fw_trainer.glue.run`), e.g. a wrapper of it.
+    script: Optional[str] = None
     comparison_axis: Optional[str] = None
     comparison_pairs: list[tuple[str, str]] = field(default_factory=list)
 
@@ -108,7 +109,7 @@ class StudyConfig:
             axes={axis: _axis_variants(path, axis, values) for axis, values in raw["axes"].items()},
             args=dict(raw.get("args") or {}),
             base_config=base_config,
-            script=raw.get("script", "run_glue_fw.py"),
+            script=raw.get("script"),
             comparison_axis=comparisons.get("axis"),
             comparison_pairs=[tuple(pair) for pair in comparisons.get("pairs", [])],
         )

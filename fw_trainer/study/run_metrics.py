@@ -2,11 +2,19 @@
 `metrics.json`: everything the study aggregation needs from one finished `run_glue_fw.py` output directory.
 """
 
+import json
+import os
 from typing import Any, Optional
 
 from ..glue.metrics import PRIMARY_GLUE_METRIC
-from ..run_artifacts import ALL_RESULTS_FILE, read_run_artifacts
-from ..run_artifacts import write_json_atomic as write_json_atomic  # the study's writers import it from here
+from ..glue.run_outputs import (
+    ADAPTER_SUMMARY_FILE,
+    ALL_RESULTS_FILE,
+    DELTA_WEIGHT_NORMS_FILE,
+    EVAL_PREDICTIONS_FILE,
+    TRAINER_STATE_FILE,
+)
+from ..state_files import IMPORTANCE_FILE
 
 
 METRICS_FILE = "metrics.json"
@@ -89,3 +97,35 @@ def collect_run_metrics(run_dir: str, task_name: Optional[str], extra: Optional[
     }
     metrics.update(extra or {})
     return metrics
+
+
+def _read_json(path: str) -> Optional[Any]:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_run_artifacts(run_dir: str) -> dict[str, Any]:
+    """
+    Reads back what a run wrote into its output directory, as written (no GLUE knowledge: the study derives its
+    metrics from this).
+
+    Args:
+        run_dir (`str`): A `run_glue_fw.py --output_dir`.
+
+    Returns:
+        `dict`: `all_results` (`all_results.json`), `trainer_state` (`trainer_state.json`), `importance`
+        (`fw_importance.json`, with `frozen_at_step`), `adapter_summary` (`adapter_summary.json`),
+        `delta_weight_norms` (`delta_weight_norms.json`), each `None` when the run did not write it, and
+        `eval_predictions`: the names of its `eval_predictions_{task}.tsv` files, sorted.
+    """
+    prefix, suffix = EVAL_PREDICTIONS_FILE.split("{task}")
+    return {
+        "all_results": _read_json(os.path.join(run_dir, ALL_RESULTS_FILE)),
+        "trainer_state": _read_json(os.path.join(run_dir, TRAINER_STATE_FILE)),
+        "importance": _read_json(os.path.join(run_dir, IMPORTANCE_FILE)),
+        "adapter_summary": _read_json(os.path.join(run_dir, ADAPTER_SUMMARY_FILE)),
+        "delta_weight_norms": _read_json(os.path.join(run_dir, DELTA_WEIGHT_NORMS_FILE)),
+        "eval_predictions": sorted(f for f in os.listdir(run_dir) if f.startswith(prefix) and f.endswith(suffix)),
+    }

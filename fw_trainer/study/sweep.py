@@ -27,15 +27,12 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Optional
 
-from ..checkpoints import last_complete_checkpoint
-from ..cli_args import to_argv
-from ..run_artifacts import is_finished_run
+from ..checkpoints import is_finished_run, last_complete_checkpoint
+from ..glue.arguments import to_argv
+from ..state_files import write_json_atomic
 from .config import StudyConfig, StudyConfigError, StudyRun
-from .run_metrics import METRICS_FILE, collect_run_metrics, write_json_atomic
+from .run_metrics import METRICS_FILE, collect_run_metrics
 from .slots import SlotLayout, fitting_runs_per_gpu, measured_peak_gb, plan_runs_per_gpu
-
-
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_dir(config: StudyConfig, run: StudyRun) -> str:
@@ -51,10 +48,10 @@ def is_finished(config: StudyConfig, run: StudyRun) -> bool:
 
 
 def run_command(config: StudyConfig, run: StudyRun) -> list[str]:
-    """The `run_glue_fw.py` command line of a run, continuing what an earlier attempt left behind."""
-    script = config.script if os.path.isfile(config.script) else os.path.join(_REPO_ROOT, config.script)
+    """The command line of a run, the installed GLUE runner's (`python -m fw_trainer.glue.run`, i.e. `run_glue_fw.py`)
+    or the study's `script`, continuing what an earlier attempt left behind."""
     output_dir = run_dir(config, run)
-    argv = [sys.executable, script]
+    argv = [sys.executable, *((config.script,) if config.script else ("-m", "fw_trainer.glue.run"))]
     if config.base_config:
         argv.append(config.base_config)
     argv += to_argv(run.args) + ["--output_dir", output_dir]

@@ -7,40 +7,21 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from torch import nn
 
-from ..arguments import FWLoraArguments
+from .arguments import FWLoraArguments
+from .errors import UsageError
 
 
 if TYPE_CHECKING:
     import optuna
 
-    from ..trainer import FWLoraTrainer
+    from .trainer import FWLoraTrainer
 
 
 HPO_RESULTS_FILE = "hpo_results.json"
-
-
-@dataclass
-class HyperparameterSearchArguments:
-    """The search options of `run_glue_fw.py`."""
-
-    hpo_trials: int = field(
-        default=0,
-        metadata={
-            "help": "Run an Optuna search of this many trials (0: no search) over learning rate, rank, batch size and, "
-            "for FW-LoRA, fw_lambda and fw_warmup_steps, optimising the last dev evaluation of each trial; writes "
-            "hpo_results.json and trains no final model (rerun with the best parameters). Needs `pip install optuna`."
-        },
-    )
-    hpo_sampler_seed: int = field(default=42, metadata={"help": "Seed of Optuna's TPE sampler."})
-
-    def __post_init__(self):
-        if self.hpo_trials < 0:
-            raise ValueError(f"`hpo_trials` should be >= 0, but the value passed is {self.hpo_trials}.")
 
 
 def training_space(trial: "optuna.Trial") -> dict[str, Any]:
@@ -69,9 +50,10 @@ def method_space(trial: "optuna.Trial", method: str) -> dict[str, Any]:
 def run_hyperparameter_search(
     trainer: "FWLoraTrainer",
     build_model: Callable[[FWLoraArguments], nn.Module],
-    args: HyperparameterSearchArguments,
+    n_trials: int,
     objective_metric: str,
     output_dir: str,
+    sampler_seed: int = 42,
 ) -> dict[str, Any]:
     """
     Runs the search and writes `hpo_results.json` (the best trial and every trial) into `output_dir`.
@@ -83,12 +65,19 @@ def run_hyperparameter_search(
     Args:
         trainer ([`FWLoraTrainer`]): With evaluations during training (the objective is the last one).
         build_model (`Callable[[FWLoraArguments], nn.Module]`): A fresh model adapted for the given method arguments.
-        args ([`HyperparameterSearchArguments`]): The number of trials and the sampler's seed.
+        n_trials (`int`): The number of trials.
         objective_metric (`str`): The evaluation key to optimise, e.g. `eval_accuracy` (maximised; a loss or an MSE is
             minimised).
         output_dir (`str`): Where the results file goes (each trial's checkpoints go to `run-<trial>` below it).
+        sampler_seed (`int`, *optional*, defaults to `42`): The seed of Optuna's TPE sampler.
+
+    Raises:
+        `UsageError`: If Optuna is not installed.
     """
-    import optuna
+    try:
+        import optuna
+    except ImportError as error:
+        raise UsageError("--hpo_trials needs Optuna: `pip install optuna` (or `pip install fw-lora[hpo]`).") from error
 
     direction = "minimize" if objective_metric.endswith(("loss", "mse")) else "maximize"
     base_arguments = trainer.fw_args
@@ -119,10 +108,10 @@ def run_hyperparameter_search(
     best = trainer.hyperparameter_search(
         hp_space=training_space,
         compute_objective=compute_objective,
-        n_trials=args.hpo_trials,
+        n_trials=n_trials,
         direction=direction,
         backend="optuna",
-        sampler=optuna.samplers.TPESampler(seed=args.hpo_sampler_seed),
+        sampler=optuna.samplers.TPESampler(seed=sampler_seed),
     )
     results = {
         "objective": objective_metric,

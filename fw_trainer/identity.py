@@ -6,7 +6,9 @@ resumed run is the run it claims to be: [`run_identity`], [`write_run_identity`]
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import fields
+from importlib.metadata import version
 from typing import Any, Optional
 
 import peft
@@ -15,10 +17,9 @@ import transformers
 from torch import nn
 from transformers import TrainingArguments
 
-from . import __version__
 from .arguments import FWLoraArguments
 from .errors import ABSENT, RunMismatchError
-from .run_artifacts import RUN_IDENTITY_FILE, read_state_file, write_json_atomic
+from .state_files import OBJECT_SCHEMA, RUN_IDENTITY_FILE, read_state_file, write_json_atomic
 
 
 logger = logging.getLogger(__name__)
@@ -45,8 +46,23 @@ TRAINING_FIELDS = (
     "seed",
     "data_seed",
 )
+# What the user passes for each field of `run` (the data's fields come from the script: `resume_rules`' argument).
+RUN_FIELD_ARGUMENTS = {
+    "base_model": "--model_name_or_path",
+    "model_type": "--model_name_or_path",
+    "num_labels": "the number of labels",
+    "method": "--method",
+    "rank": "the rank (--lora_r, or the rank a --lora_budget gave)",
+    "init_rank": "--adalora_init_r_ratio",
+    "lora_alpha": "--lora_alpha",
+    "lora_dropout": "--lora_dropout",
+    "target_modules": "--lora_target_modules (as resolved)",
+    **{name: f"--{name}" for name in TRAINING_FIELDS},
+}
 # The method's own arguments, by method: the `FWLoraArguments` fields with these prefixes (rank, alpha, dropout and
 # targets are read from the adapter that was built instead: a rank given as a budget is compared as the rank it became).
+# `fw_run_identity.json`: the two parts of [`run_identity`].
+IDENTITY_SCHEMA = {"run": OBJECT_SCHEMA, "environment": OBJECT_SCHEMA}
 _METHOD_FIELD_PREFIXES = {"adalora": "adalora_", "fw_lora": "fw_", "iw_lora": "fw_"}
 
 
@@ -108,7 +124,7 @@ def run_identity(
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
-        "fw-lora": __version__,
+        "fw-lora": version("fw-lora"),
         "world_size": args.world_size,
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
     }
@@ -131,7 +147,7 @@ def read_run_identity(checkpoint_dir: str) -> Optional[dict[str, Any]]:
     path = os.path.join(checkpoint_dir, RUN_IDENTITY_FILE)
     if not os.path.isfile(path):
         return None
-    return read_state_file(path, _identity_problem)
+    return read_state_file(path, IDENTITY_SCHEMA)
 
 
 def check_run_identity(checkpoint_dir: str, identity: dict[str, Any]) -> None:
@@ -179,7 +195,25 @@ def _differences(saved: dict[str, Any], asked: dict[str, Any]) -> list[tuple[str
     return differences
 
 
-def _identity_problem(identity: Any) -> Optional[str]:
-    if isinstance(identity, dict) and all(isinstance(identity.get(part), dict) for part in ("run", "environment")):
-        return None
-    return "it is not a mapping of `run` and `environment`"
+def resume_rules(data_arguments: Sequence[str]) -> str:
+    """
+    What a resume must keep and what it may change, in words, from the fields of [`run_identity`] (`--help` and the
+    README say this).
+
+    Args:
+        data_arguments (`Sequence[str]`): The arguments that select the training data (what the script records as
+            `data`).
+    """
+    prefixes = sorted(set(_METHOD_FIELD_PREFIXES.values()))
+    method = "--method and its own arguments (" + ", ".join(f"--{prefix}*" for prefix in prefixes) + ")"
+    must = dict.fromkeys([*data_arguments, method, *RUN_FIELD_ARGUMENTS.values()])
+    must.pop("--method")
+    return (
+        "Resuming (--resume_from_checkpoint, or an output directory holding an interrupted run): the checkpoint must be "
+        "of the same run, or the resume is refused, naming each differing field. The same run means the same "
+        + ", ".join(must)
+        + ". Everything else may change on resume: --num_train_epochs and --max_steps (the schedule is recomputed for "
+        "the new length), logging, evaluation and saving options, --per_device_eval_batch_size, --max_eval_samples, "
+        "dataloader and reporting options. Other library versions, another number of processes or another precision "
+        "are reported as a warning."
+    )

@@ -1,100 +1,79 @@
-"""The FW-LoRA warm-up schedule in a `Trainer`: measure `F_m` for K steps, then freeze the importances `I_m`."""
+"""The FW-LoRA warm-up in a `Trainer`, both modes: measure `F_m` for K training steps (or, for IW-LoRA, K calibration
+steps before training), freeze the importances `I_m`, save and restore them, and hand the trainer the penalty."""
 
 import logging
-import math
 import os
 import warnings
+from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .adapted_matrices import AdaptedMatrix
+from .adapted_matrices import AdaptedMatrix, find_adapted_matrices
+from .arguments import FWLoraArguments
 from .errors import CheckpointError, RunMismatchError, WarmupDivergedError
 from .fisher_estimator import FisherEstimator
-from .importance import normalize_importances
-from .run_artifacts import IMPORTANCE_FILE, read_state_file, write_json_atomic
+from .importance import normalize_importances, penalty_weights
+from .importance_file import IMPORTANCE_SCHEMA, format_importance_table, state_problem
+from .penalty import FisherWeightedPenalty
+from .state_files import (
+    IMPORTANCE_FILE,
+    read_state_file,
+    write_json_atomic,
+)
 
 
 logger = logging.getLogger(__name__)
 
-# The keys of `fw_importance.json` ([`FisherWarmupCallback.state_dict`]) and of each entry of its `modules`.
-_STATE_KEYS = (
-    "frozen",
-    "frozen_at_step",
-    "warmup_steps",
-    "ema_decay",
-    "normalization",
-    "statistic",
-    "average",
-    "power",
-    "estimator",
-    "num_updates",
-    "modules",
-)
-_MODULE_KEYS = ("fisher", "importance", "penalty_weight", "d_out", "d_in", "r", "running_state")
+# The `FWLoraArguments` that define the measured statistics and the weights, recorded in `fw_importance.json` under
+# their names without the `fw_` prefix and compared on resume (not the estimator, which may be chosen by device).
+MEASUREMENT_OPTIONS = ("fw_warmup_steps", "fw_ema_decay", "fw_normalization", "fw_statistic", "fw_average", "fw_power")
 
 
 class FisherWarmupCallback(TrainerCallback):
     r"""
-    Runs a [`FisherEstimator`] during the first `warmup_steps` optimizer steps, then freezes the normalised importances
-    `I_m` (see [`normalize_importances`]) and removes the estimator's hooks (no cost afterwards). Training that ends
-    before step K freezes at the end, with a warning. The importances are logged as a table and written, with the
-    running state, to `fw_importance.json` in the output directory and every checkpoint ([`save`], [`load`]).
+    The warm-up of FW-LoRA and IW-LoRA, its one owner: it runs a [`FisherEstimator`] during the first `fw_warmup_steps`
+    optimizer steps (`fw_warmup_mode="train"`) or during as many calibration steps before training
+    (`"calibrate"`, IW-LoRA: see [`calibrate`]), then freezes the normalised importances `I_m` (see
+    [`normalize_importances`]) and removes the estimator's hooks (no cost afterwards). Training that ends before step K
+    freezes at the end, with a warning. The importances are logged as a table and written, with the running state, to
+    `fw_importance.json` in the output directory and every checkpoint ([`save`]), from which a resume restores them
+    ([`check_resume`]).
 
-    When training begins, `estimator` becomes the [`FisherEstimator`] of the model being trained (the arguments below
-    named after its options are passed on to it). The training loss must reach `backward()` through
-    `estimator.loss_to_backpropagate` while [`is_measuring`]: [`FWLoraTrainer`] does it in `compute_loss`. With
-    `warmup_mode="calibrate"` (IW-LoRA) the callback measures nothing during training: [`FWLoraTrainer`] runs the K
-    calibration steps with the estimator before the first training step, then calls [`freeze`].
+    A trainer talks to it through these calls only (as [`FWLoraTrainer`] does):
+
+    - [`loss_to_backpropagate`]: the training loss goes through it before `backward()`, so that the measurement can undo
+      what scales the loss afterwards (gradient accumulation, an fp16 loss scale);
+    - [`awaits_calibration`] and [`calibrate`]: IW-LoRA's calibration, before the first training step;
+    - [`penalty`]: the [`FisherWeightedPenalty`] with the frozen weights `(1 − I_m)^β`, or `None` during the warm-up;
+    - [`importances_to_log`]: the frozen importances, once, for the training logs;
+    - [`check_resume`] before resuming, [`save`] with every checkpoint, and [`stop`] when training dies.
+
+    When training begins, `estimator` becomes the [`FisherEstimator`] of the model being trained, built from `fw_args`;
+    the sketch's probes come from a generator of its own seeded with `args.seed`.
 
     Args:
-        warmup_steps (`int`): Number K of optimizer (or calibration) steps of measurement.
-        ema_decay (`float`, *optional*, defaults to `0.98`): Decay α of the moving average.
-        normalization (`str`, *optional*, defaults to `"sum"`): `"sum"` (`I = F / ΣF`) or `"max"` (`I = F / max F`).
-        statistic (`str`, *optional*, defaults to `"sq_norm"`): `"sq_norm"` (`‖∇W‖²`) or `"norm"` (`‖∇W‖`).
-        average (`str`, *optional*, defaults to `"ema"`): `"ema"` or `"mean"`.
-        power (`float`, *optional*, defaults to `1.0`): Exponent β of the penalty weights `(1 − I)^β`.
-        estimator (`str`, *optional*, defaults to `"auto"`):
-            `"auto"`, `"exact"` or `"sketch"` (see [`FisherEstimator`]); the sketch's probes come from a generator of its own seeded with `args.seed`.
-        sketch_probes (`int`, *optional*, defaults to `8`): Number `k` of probes of the sketch.
-        warmup_mode (`str`, *optional*, defaults to `"train"`):
-            `"train"`: measure during the first K training steps. `"calibrate"`: the trainer measures in a calibration
-            before training.
+        fw_args ([`FWLoraArguments`]): The method's arguments (`fw_*`).
         adapter_name (`str`, *optional*, defaults to `"default"`): The LoRA adapter whose matrices are measured.
     """
 
-    def __init__(
-        self,
-        warmup_steps: int,
-        ema_decay: float = 0.98,
-        normalization: str = "sum",
-        statistic: str = "sq_norm",
-        average: str = "ema",
-        power: float = 1.0,
-        estimator: str = "auto",
-        sketch_probes: int = 8,
-        warmup_mode: str = "train",
-        adapter_name: str = "default",
-    ):
-        self.warmup_steps = warmup_steps
-        self.normalization = normalization
-        self.power = power
-        self.warmup_mode = warmup_mode
-        self._estimator_options = {
-            "statistic": statistic,
-            "average": average,
-            "ema_decay": ema_decay,
-            "estimator": estimator,
-            "sketch_probes": sketch_probes,
-            "adapter_name": adapter_name,
-        }
+    def __init__(self, fw_args: FWLoraArguments, adapter_name: str = "default"):
+        self.fw_args = fw_args
+        self.adapter_name = adapter_name
         self.estimator: Optional[FisherEstimator] = None  # built for the model when training begins
         self.fisher: Optional[torch.Tensor] = None  # F, set when frozen
         self.importances: Optional[torch.Tensor] = None  # I, set when frozen
         self.frozen_at_step: Optional[int] = None
+        self._penalty: Optional[FisherWeightedPenalty] = None  # built at the freeze
+        self._logged = False  # whether `importances_to_log` gave the frozen importances
         self._state_to_restore: Optional[dict] = None
+
+    @property
+    def warmup_steps(self) -> int:
+        """K, the number of measured optimizer (or calibration) steps."""
+        return self.fw_args.fw_warmup_steps
 
     # ----- state ------------------------------------------------------------------------------------------------
 
@@ -115,22 +94,86 @@ class FisherWarmupCallback(TrainerCallback):
 
     @property
     def awaits_calibration(self) -> bool:
-        """Whether the trainer has yet to run the calibration (`warmup_mode="calibrate"`, set up, not frozen)."""
-        return self.warmup_mode == "calibrate" and self.estimator is not None and not self.frozen
+        """Whether the trainer has yet to run [`calibrate`] (`fw_warmup_mode="calibrate"`, set up, not frozen)."""
+        return self.fw_args.fw_warmup_mode == "calibrate" and self.estimator is not None and not self.frozen
 
     @property
     def penalty_weights(self) -> torch.Tensor:
         """`(1 − I_m)^β` for every adapted matrix, once frozen."""
         if not self.frozen:
             raise RuntimeError("The importances are not frozen yet: the Fisher warm-up is still running.")
-        return (1.0 - self.importances).pow(self.power)
+        return penalty_weights(self.importances, self.fw_args.fw_power)
+
+    @property
+    def penalty(self) -> Optional[FisherWeightedPenalty]:
+        """The penalty `Σ_m (1 − I_m)^β P_m` of the frozen importances (`fw_penalty`), built once per freeze; `None`
+        until the importances are frozen."""
+        if not self.frozen:
+            return None
+        if self._penalty is None:
+            self._penalty = FisherWeightedPenalty(self.matrices, self.penalty_weights, self.fw_args.fw_penalty)
+        return self._penalty
+
+    def importances_to_log(self) -> Optional[dict[str, float]]:
+        """The frozen importances by matrix name the first time it is called after the freeze, else `None`: what a
+        training log reports once."""
+        if not self.frozen or self._logged:
+            return None
+        self._logged = True
+        return dict(zip((matrix.name for matrix in self.matrices), self.importances.tolist()))
 
     def _setup(self, model: nn.Module, seed: int) -> None:
         """A new estimator for `model`, from an empty estimate (a new model is a new run)."""
         if self.estimator is not None:
             self.estimator.stop()
-        self.fisher = self.importances = self.frozen_at_step = None
-        self.estimator = FisherEstimator(model, seed=seed, **self._estimator_options)
+        self.fisher = self.importances = self.frozen_at_step = self._penalty = None
+        self._logged = False
+        self.estimator = FisherEstimator.from_args(model, self.fw_args, seed=seed, adapter_name=self.adapter_name)
+
+    def loss_to_backpropagate(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to call `backward()` on: while measuring, `loss` routed through the estimator (see
+        [`FisherEstimator.loss_to_backpropagate`]); otherwise `loss` itself. Pass the task loss alone."""
+        return self.estimator.loss_to_backpropagate(loss) if self.is_measuring else loss
+
+    def stop(self) -> None:
+        """Removes the estimator's hooks, e.g. when training dies in the warm-up (an error, Ctrl-C in a notebook): they
+        must not stay installed, nor compiled code forced to run eagerly (see [`FisherEstimator.start`])."""
+        if self.is_measuring:
+            self.estimator.stop()
+
+    def calibrate(
+        self,
+        backward_micro_batch: Callable[[Any], None],
+        batches: Iterable,
+        args: TrainingArguments,
+        state: TrainerState,
+    ) -> None:
+        """
+        IW-LoRA's calibration: `fw_warmup_steps` steps of `args.gradient_accumulation_steps` micro-batches each, from
+        the start of `batches` (cycled), measured by the estimator; then the freeze. Nothing is updated: no optimizer or
+        scheduler step is taken or counted.
+
+        Args:
+            backward_micro_batch (`Callable`):
+                Runs the forward and backward pass of one micro-batch, with its loss through [`loss_to_backpropagate`],
+                and drops the gradients (the trainer's part: it knows how its model computes the loss).
+            batches (`Iterable`): The training batches (the training dataloader).
+            args (`TrainingArguments`), state (`TrainerState`): The Trainer's.
+        """
+        estimator = self.estimator
+        estimator.start()
+        batch_iterator = iter(())
+        for _ in range(self.warmup_steps):
+            for _ in range(args.gradient_accumulation_steps):
+                batch = next(batch_iterator, None)
+                if batch is None:  # the data ran out: start it again
+                    batch_iterator = iter(batches)
+                    batch = next(batch_iterator)
+                backward_micro_batch(batch)
+                estimator.fold_micro_batch()
+            estimator.end_step()
+        logger.info("IW-LoRA calibration: %d steps measured, nothing updated.", self.warmup_steps)
+        self.freeze(args, state)
 
     @torch.no_grad()
     def freeze(self, args: TrainingArguments, state: TrainerState) -> None:
@@ -147,10 +190,11 @@ class FisherWarmupCallback(TrainerCallback):
             `WarmupDivergedError`: If the warm-up measured steps but none of them had a finite micro-batch.
         """
         self.estimator.stop()
-        measured = self.warmup_steps if self.warmup_mode == "calibrate" else min(state.global_step, self.warmup_steps)
+        calibrate = self.fw_args.fw_warmup_mode == "calibrate"
+        measured = self.warmup_steps if calibrate else min(state.global_step, self.warmup_steps)
         # The freeze's one extra host read: how many measured steps had a finite micro-batch.
         finite = int(self.estimator.state_dict()["num_updates"].item())
-        what = "IW-LoRA calibration" if self.warmup_mode == "calibrate" else "FW-LoRA warm-up"
+        what = "IW-LoRA calibration" if calibrate else "FW-LoRA warm-up"
         if measured > 0 and finite == 0:
             raise WarmupDivergedError(
                 f"The {what} saw no finite gradient: in each of its {measured} steps the loss or the gradient of every "
@@ -169,7 +213,7 @@ class FisherWarmupCallback(TrainerCallback):
                 finite,
             )
         self.fisher = self.estimator.fisher
-        self.importances = normalize_importances(self.fisher, self.normalization).to(self.fisher.device)
+        self.importances = normalize_importances(self.fisher, self.fw_args.fw_normalization).to(self.fisher.device)
         self.frozen_at_step = state.global_step
         if state.is_world_process_zero:
             logger.info("FW-LoRA importances frozen at step %d:\n%s", state.global_step, self.format_table())
@@ -185,7 +229,7 @@ class FisherWarmupCallback(TrainerCallback):
         if self._state_to_restore is not None:
             self._apply_state(self._state_to_restore)
             self._state_to_restore = None
-        if self.frozen or self.warmup_mode == "calibrate":
+        if self.frozen or self.fw_args.fw_warmup_mode == "calibrate":
             return
         if state.global_step >= self.warmup_steps:
             self.freeze(args, state)
@@ -234,14 +278,14 @@ class FisherWarmupCallback(TrainerCallback):
         running_state = self.estimator.state_dict()
         fisher = (self.fisher if self.frozen else self.estimator.fisher).tolist()
         importances = self.importances.tolist() if self.frozen else [None] * num_matrices
-        penalty_weights = self.penalty_weights.tolist() if self.frozen else [None] * num_matrices
+        weights = self.penalty_weights.tolist() if self.frozen else [None] * num_matrices
         running = running_state["running"].tolist()
         modules = {}
         for index, matrix in enumerate(self.matrices):
             modules[matrix.name] = {
                 "fisher": fisher[index],
                 "importance": importances[index],
-                "penalty_weight": penalty_weights[index],
+                "penalty_weight": weights[index],
                 "d_out": matrix.d_out,
                 "d_in": matrix.d_in,
                 "r": matrix.r,
@@ -250,12 +294,7 @@ class FisherWarmupCallback(TrainerCallback):
         return {
             "frozen": self.frozen,
             "frozen_at_step": self.frozen_at_step,
-            "warmup_steps": self.warmup_steps,
-            "ema_decay": self.estimator.ema_decay,
-            "normalization": self.normalization,
-            "statistic": self.estimator.statistic,
-            "average": self.estimator.average,
-            "power": self.power,
+            **self._measurement_options(),
             "estimator": self.estimator.estimator,
             "num_updates": int(running_state["num_updates"].item()),
             "modules": modules,
@@ -268,20 +307,19 @@ class FisherWarmupCallback(TrainerCallback):
             return
         write_json_atomic(os.path.join(output_dir, IMPORTANCE_FILE), self.state_dict())
 
-    def load(self, checkpoint_dir: str, matrix_names: Optional[list[str]] = None) -> None:
+    def check_resume(self, checkpoint_dir: str, model: nn.Module) -> None:
         """
-        Reads the state saved in a checkpoint ([`state_dict`]), checked, to be applied when training begins.
+        Reads the state saved in a checkpoint ([`state_dict`]), checked against `model`, to be applied when training
+        begins.
 
         Args:
             checkpoint_dir (`str`): The checkpoint to resume from.
-            matrix_names (`list[str]`, *optional*):
-                The names of the adapted matrices of the model being trained, in order: the saved state must list the
-                same. Without them, they are compared when training begins.
+            model (`nn.Module`): The model being trained: the saved state must list its adapted matrices, in order.
 
         Raises:
             `CheckpointError`: If the checkpoint has no `fw_importance.json` (every checkpoint of an FW-LoRA or
                 IW-LoRA run has one), or the file is damaged (not valid JSON) or inconsistent (unknown or missing
-                keys, values of the wrong type, other adapted matrices than `matrix_names`).
+                keys, values of the wrong type, other adapted matrices than the model's).
             `RunMismatchError`: If the state was measured with other warm-up options (K, the average, ...; not the
                 estimator, which may be chosen by device, see [`run_identity`] for the argument).
         """
@@ -292,7 +330,8 @@ class FisherWarmupCallback(TrainerCallback):
                 "IW-LoRA run holds: it was written by another method, or its save was interrupted. Resume from a "
                 "checkpoint of this run, or with the method it was trained with."
             )
-        state = read_state_file(path, lambda state: _state_problem(state, matrix_names))
+        names = [matrix.name for matrix in find_adapted_matrices(model, self.adapter_name)]
+        state = read_state_file(path, IMPORTANCE_SCHEMA, lambda state: state_problem(state, names))
         differences = [
             (f"fw_{name}", state[name], value)
             for name, value in self._measurement_options().items()
@@ -303,18 +342,11 @@ class FisherWarmupCallback(TrainerCallback):
         self._state_to_restore = state
 
     def _measurement_options(self) -> dict[str, Any]:
-        """The options that define the measured statistics, by their names in [`state_dict`]."""
-        return {
-            "warmup_steps": self.warmup_steps,
-            "ema_decay": self._estimator_options["ema_decay"],
-            "normalization": self.normalization,
-            "statistic": self._estimator_options["statistic"],
-            "average": self._estimator_options["average"],
-            "power": self.power,
-        }
+        """The [`MEASUREMENT_OPTIONS`], by their names in [`state_dict`]."""
+        return {name.removeprefix("fw_"): getattr(self.fw_args, name) for name in MEASUREMENT_OPTIONS}
 
     def _apply_state(self, state: dict) -> None:
-        problem = _state_problem(state, [matrix.name for matrix in self.matrices])
+        problem = state_problem(state, [matrix.name for matrix in self.matrices])
         if problem is not None:
             raise CheckpointError(
                 f"The saved FW-LoRA state does not fit the model being trained: {problem}. Resume with the LoRA "
@@ -330,65 +362,8 @@ class FisherWarmupCallback(TrainerCallback):
             self.fisher = torch.tensor([row["fisher"] for row in rows], **like)
             self.importances = torch.tensor([row["importance"] for row in rows], **like)
             self.frozen_at_step = state["frozen_at_step"]
+            self._penalty, self._logged = None, False
 
     def format_table(self) -> str:
         """The importances as a text table, most important first."""
-        state = self.state_dict()["modules"]
-        rows = sorted(state.items(), key=lambda item: -(item[1]["importance"] or 0.0))
-        width = max(len(name) for name in state)
-        lines = [f"{'module':<{width}}  {'F':>11}  {'I':>9}  {'1 - I':>9}"]
-        for name, row in rows:
-            importance = row["importance"] if row["importance"] is not None else float("nan")
-            lines.append(f"{name:<{width}}  {row['fisher']:>11.4e}  {importance:>9.5f}  {1 - importance:>9.5f}")
-        return "\n".join(lines)
-
-
-def _state_problem(state: Any, matrix_names: Optional[list[str]]) -> Optional[str]:
-    """What makes a state read from `fw_importance.json` unusable for a model with `matrix_names`, or `None`."""
-    if not isinstance(state, dict):
-        return "it is not a JSON object"
-    problem = _keys_problem(state, _STATE_KEYS, "it")
-    if problem is not None:
-        return problem
-    modules, frozen = state["modules"], state["frozen"]
-    if not isinstance(modules, dict) or not modules:
-        return "`modules` is not a mapping of module names to their statistics"
-    if matrix_names is not None and list(modules) != list(matrix_names):
-        if len(modules) != len(matrix_names):
-            return (
-                f"it holds the statistics of {len(modules)} adapted matrices, but the model being trained has "
-                f"{len(matrix_names)}"
-            )
-        saved, name = next((saved, name) for saved, name in zip(modules, matrix_names) if saved != name)
-        return f"it lists other adapted matrices than the model being trained ({saved} where the model has {name})"
-    if not isinstance(frozen, bool):
-        return f"`frozen` is {frozen!r}, not true or false"
-    for key in ("num_updates", *(("frozen_at_step",) if frozen else ())):
-        if not _is_non_negative(state[key], integer=True):
-            return f"`{key}` is {state[key]!r}, not a step count"
-    for name, row in modules.items():
-        if not isinstance(row, dict):
-            return f"its entry {name} is not a mapping"
-        problem = _keys_problem(row, _MODULE_KEYS, f"its entry {name}")
-        if problem is not None:
-            return problem
-        for key in ("fisher", "running_state", *(("importance", "penalty_weight") if frozen else ())):
-            if not _is_non_negative(row[key]):
-                return f"the `{key}` of {name} is {row[key]!r}, not a finite non-negative number"
-    return None
-
-
-def _keys_problem(mapping: dict, keys: tuple[str, ...], what: str) -> Optional[str]:
-    unknown, missing = sorted(set(mapping) - set(keys)), [key for key in keys if key not in mapping]
-    parts = []
-    if unknown:
-        parts.append(f"unknown keys {', '.join(unknown)}")
-    if missing:
-        parts.append(f"no {', '.join(missing)}")
-    return f"{what} has {' and '.join(parts)}" if parts else None
-
-
-def _is_non_negative(value: Any, integer: bool = False) -> bool:
-    """Whether `value`, read from JSON, is a finite non-negative number (an integer if `integer`)."""
-    kinds = (int,) if integer else (int, float)
-    return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        return format_importance_table(self.state_dict())

@@ -1,0 +1,70 @@
+"""Where the GLUE script's raw data comes from: a local GLUE folder, the Hugging Face Hub, or your own csv/json files."""
+
+import os
+
+from datasets import DatasetDict, load_dataset
+
+from ..errors import UsageError
+from .arguments import DataTrainingArguments, ModelArguments
+from .data import load_glue_dir
+
+
+def load_raw_datasets(model_args: ModelArguments, data_args: DataTrainingArguments, do_predict: bool) -> DatasetDict:
+    """
+    The raw splits the script trains and evaluates on: a GLUE task from `--glue_dir` (the original TSV layout, see
+    [`load_glue_dir`]) or else from the Hub, a Hub dataset, or local csv/json files (each split read on its own, so
+    that a test file without labels loads).
+
+    Raises:
+        `UsageError`: If the data cannot be found or read, or the files' columns do not fit together.
+    """
+    if data_args.task_name is not None and data_args.glue_dir:
+        try:
+            return load_glue_dir(data_args.glue_dir, data_args.task_name)
+        except (FileNotFoundError, ValueError) as error:
+            raise UsageError(str(error)) from error
+    if data_args.task_name is not None or data_args.dataset_name is not None:
+        name, config = (
+            ("nyu-mll/glue", data_args.task_name)
+            if data_args.task_name is not None
+            else (data_args.dataset_name, data_args.dataset_config_name)
+        )
+        try:
+            return load_dataset(name, config, cache_dir=model_args.cache_dir, token=model_args.token)
+        except Exception as error:  # offline, DNS, HTTP, missing config: the Hub fails in many ways
+            raise UsageError(
+                f"Could not load the dataset {name} ({config}) from the Hugging Face Hub: {type(error).__name__}: "
+                f"{error}. Offline, pass --glue_dir (or set GLUE_DIR) to a folder with the GLUE data in its original "
+                "TSV layout (e.g. SST-2/train.tsv), or --train_file/--validation_file."
+            ) from error
+
+    data_files = {"train": data_args.train_file, "validation": data_args.validation_file}
+    if do_predict:
+        if data_args.test_file is None:
+            raise UsageError("--do_predict needs a GLUE --task_name or a --test_file.")
+        data_files["test"] = data_args.test_file
+    for split, path in data_files.items():
+        if not os.path.isfile(path):
+            raise UsageError(f"The {split} file {path} does not exist.")
+    builder = "csv" if data_args.train_file.endswith(".csv") else "json"
+    # One split at a time: `load_dataset` would fail with a schema error on files whose columns differ.
+    raw_datasets = DatasetDict(
+        {
+            split: load_dataset(builder, data_files={split: path}, cache_dir=model_args.cache_dir)[split]
+            for split, path in data_files.items()
+        }
+    )
+    expected = set(raw_datasets["train"].column_names)
+    if "label" not in expected:
+        raise UsageError(
+            f"The train file {data_args.train_file} has no `label` column (columns: "
+            f"{', '.join(sorted(expected))}). Name the target column `label`."
+        )
+    for split, dataset in raw_datasets.items():
+        columns = set(dataset.column_names) | ({"label"} if split == "test" else set())
+        if columns != expected:
+            raise UsageError(
+                f"The {split} file {data_files[split]} has the columns {', '.join(sorted(dataset.column_names))} but "
+                f"the train file has {', '.join(sorted(expected))}. Give every file the same columns."
+            )
+    return raw_datasets

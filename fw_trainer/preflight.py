@@ -1,0 +1,88 @@
+"""
+The checks a training run passes before anything is written: `TrainingArguments` values that torch and transformers
+would reject only once training starts (or silently misuse), and a dry build of what `Trainer.train()` builds first.
+"""
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from transformers import Trainer, TrainingArguments
+
+from .errors import UsageError
+
+
+# (argument, what it should be, test).
+TRAINING_ARGUMENT_RULES = (
+    ("learning_rate", "a finite number >= 0", lambda value: math.isfinite(value) and value >= 0),
+    ("weight_decay", "a finite number >= 0", lambda value: math.isfinite(value) and value >= 0),
+    ("adam_beta1", "in [0, 1)", lambda value: 0 <= value < 1),
+    ("adam_beta2", "in [0, 1)", lambda value: 0 <= value < 1),
+    ("adam_epsilon", "a finite number >= 0", lambda value: math.isfinite(value) and value >= 0),
+    ("label_smoothing_factor", "in [0, 1]", lambda value: 0 <= value <= 1),
+    ("per_device_train_batch_size", "a positive integer", lambda value: value >= 1),
+    ("per_device_eval_batch_size", "a positive integer", lambda value: value >= 1),
+    ("gradient_accumulation_steps", "a positive integer", lambda value: value >= 1),
+    ("eval_accumulation_steps", "a positive integer (or left out)", lambda value: value is None or value >= 1),
+    ("dataloader_num_workers", "an integer >= 0", lambda value: value >= 0),
+    ("seed", "an integer in [0, 2**32)", lambda value: 0 <= value < 2**32),
+    ("data_seed", "an integer in [0, 2**32) (or left out)", lambda value: value is None or 0 <= value < 2**32),
+)
+
+
+def check_training_arguments(training_args: TrainingArguments) -> None:
+    """
+    Checks the [`TRAINING_ARGUMENT_RULES`], that a training run trains something, and that `--fp16` has a GPU.
+
+    Raises:
+        `UsageError`: Naming the argument, what it should be and the value passed.
+    """
+    for name, requirement, test in TRAINING_ARGUMENT_RULES:
+        value = getattr(training_args, name)
+        if not test(value):
+            raise UsageError(f"--{name} should be {requirement}, but the value passed is {value}.")
+    if training_args.do_train and training_args.max_steps <= 0 and not training_args.num_train_epochs > 0:
+        raise UsageError(
+            f"--num_train_epochs {training_args.num_train_epochs} without --max_steps trains nothing: pass a positive "
+            "--num_train_epochs or --max_steps."
+        )
+    if training_args.fp16 and training_args.device.type == "cpu":
+        raise UsageError(
+            "--fp16 needs a GPU: on the CPU accelerate would silently train in fp32. Use --bf16 for mixed precision on "
+            "the CPU, or drop --fp16."
+        )
+
+
+def check_training_setup(trainer: Trainer) -> None:
+    """
+    Builds what `train()` builds before its first step (the training dataloader, the optimizer, the learning-rate
+    scheduler) and drops them again, so that an argument that torch, transformers or peft reject there (a keyword the
+    scheduler does not take, `--optim_args` the optimizer cannot parse, ...) is a usage error before anything is
+    written, rather than a traceback once training has begun. This is where their `ValueError`s and `TypeError`s
+    become usage errors, and the only place: an error during training itself keeps its traceback.
+
+    Raises:
+        `UsageError`: Naming the component, the arguments that configure it and the library's message.
+    """
+    try:
+        with _rejected_arguments("the training dataloader", "--per_device_train_batch_size, --dataloader_*"):
+            max_steps = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+        with _rejected_arguments("the optimizer", "--optim, --optim_args, --learning_rate, --weight_decay, --adam_*"):
+            trainer.create_optimizer()
+        with _rejected_arguments("the learning-rate scheduler", "--lr_scheduler_type, --lr_scheduler_kwargs"):
+            trainer.create_scheduler(num_training_steps=max_steps)
+    finally:
+        # `train()` builds its own, for the model and number of steps it trains.
+        trainer.optimizer = trainer.lr_scheduler = None
+
+
+@contextmanager
+def _rejected_arguments(component: str, arguments: str) -> Iterator[None]:
+    """A `ValueError` or `TypeError` raised while building `component` as a usage error that names its `arguments`."""
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        raise UsageError(
+            f"Training cannot start: {component} rejects the arguments ({type(error).__name__}: {error}). Check "
+            f"{arguments}."
+        ) from error
