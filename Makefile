@@ -70,15 +70,15 @@ BENCH_WHOLE_RUN ?= --rounds 1 --batch_size 8 --config_overrides $(TINY)
 endif
 benchmark: env
 	mkdir -p benchmarks/results
-	$(PY) benchmarks/overhead.py $(BENCH_STEPS) --no_memory $(BENCH_ARGS) --output benchmarks/results/steps.json
+	$(PY) benchmarks/steps.py $(BENCH_STEPS) --no_memory $(BENCH_ARGS) --output benchmarks/results/steps.json
 ifneq ($(HAS_GPU),yes)
-	$(PY) benchmarks/overhead.py --rounds 3 --steps 5 --no_memory --batch_size 8 --seq_len 32 \
+	$(PY) benchmarks/steps.py --rounds 3 --steps 5 --no_memory --batch_size 8 --seq_len 32 \
 		--config_overrides $(TINY) --output benchmarks/results/steps_tiny.json
-	$(PY) benchmarks/overhead.py --memory_only --steps 1 --methods lora fw_lora_warmup fw_lora_warmup_sketch fw_lora \
-		adalora --output benchmarks/results/memory.json
+	$(PY) benchmarks/memory.py --steps 1 --methods lora fw_lora_warmup fw_lora_warmup_sketch fw_lora adalora \
+		--output benchmarks/results/memory.json
 endif
-	$(PY) benchmarks/overhead.py --whole_run $(BENCH_WHOLE_RUN) $(BENCH_ARGS) --output benchmarks/results/whole_run.json
-	$(PY) benchmarks/overhead.py --penalty_ops $(BENCH_DEVICE) --output benchmarks/results/penalty_ops.json
+	$(PY) benchmarks/whole_runs.py $(BENCH_WHOLE_RUN) $(BENCH_ARGS) --output benchmarks/results/whole_run.json
+	$(PY) benchmarks/penalty_ops.py $(BENCH_DEVICE) --output benchmarks/results/penalty_ops.json
 
 quality: env
 	$(PY) -m ruff check .

@@ -8,7 +8,7 @@
    results (finite, a dev accuracy that shows learning, CUDA peak memory), the frozen importances, the adapter (or the
    fully fine-tuned model) reloaded with `PeftModel.from_pretrained` and predicting what the run predicted, and the
    TensorBoard scalars read back with TensorBoard's reader.
-3. `benchmarks/overhead.py --device cuda --bf16`.
+3. `benchmarks/steps.py --device cuda --bf16` (the step benchmark).
 
 It goes on after a failure, prints one table, writes `gpu_check.json` into `--output_dir`, and exits 1 if anything
 failed. Usage:
@@ -246,10 +246,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
 
     if not args.skip_benchmark:
-        command = [sys.executable, "benchmarks/overhead.py", "--device", device, "--output"]
+        command = [sys.executable, "benchmarks/steps.py", "--device", device, "--output"]
         command += [str(output_dir / "benchmark.json"), *(["--bf16"] if device == "cuda" else ["--no_memory"])]
         returncode, seconds = run_command(command, output_dir / "benchmark.log", env)
-        checks.append({"check": "benchmarks/overhead.py --bf16", "seconds": seconds, "failures": [] if returncode == 0
+        checks.append({"check": "benchmarks/steps.py --bf16", "seconds": seconds, "failures": [] if returncode == 0
                        else [f"exited {returncode}: see benchmark.log"]})  # fmt: skip
 
     report["checks"] = checks
