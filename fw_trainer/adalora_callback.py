@@ -1,11 +1,16 @@
-"""Drives peft's AdaLoRA rank allocator from the Trainer's optimizer steps (peft ships no such callback)."""
+"""AdaLoRA in a `Trainer`: drives peft's rank allocator from the optimizer steps (peft ships no such callback), and keeps
+its orthogonality regulariser out of the losses that compare with other methods."""
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Optional
 
+import torch
 from peft import PeftModel
 from peft.tuners.adalora import AdaLoraModel
+from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .arguments import resolve_schedule_steps
@@ -47,6 +52,38 @@ class AdaLoraAllocationCallback(TrainerCallback):
                 f"`fw_trainer.build_peft_model`), but the model's base is a {type(base).__name__}."
             )
         return base
+
+    @contextmanager
+    def task_loss_only(self, model: nn.Module) -> Iterator[None]:
+        """
+        A context in which the AdaLoRA model's loss is the task loss alone, in training and in evaluation, as for every
+        other method: peft's `AdaLoraModel.forward` calls the transformers model and adds `orth_reg_weight × R` (see
+        [`orthogonality_penalty`]) to its loss whenever labels are given, so its `eval_loss` would not compare with
+        LoRA's. Within the context, the AdaLoRA model's forward is the transformers model's, which is all that peft's
+        forward runs before it adds the regulariser; the trainer adds it back to the training loss itself.
+        """
+        adalora = self._adalora_model(model)
+        adalora.forward = adalora.model.forward
+        try:
+            yield
+        finally:
+            del adalora.forward
+
+    def orthogonality_penalty(self, model: nn.Module) -> torch.Tensor:
+        """
+        peft's AdaLoRA regulariser `R = mean over the adapter's P and Q of ‖P Pᵀ − I‖_F` (`‖QᵀQ − I‖_F` for `lora_B`),
+        as `AdaLoraModel.forward` computes it, differentiable. Training with `task loss + orth_reg_weight × R` trains
+        as peft intends.
+        """
+        adalora = self._adalora_model(model)
+        total, count = None, 0
+        for name, param in adalora.model.named_parameters():
+            if ("lora_A" in name or "lora_B" in name) and self.adapter_name in name:
+                covariance = param @ param.T if "lora_A" in name else param.T @ param
+                identity = torch.eye(*covariance.size(), dtype=covariance.dtype, device=covariance.device)
+                term = torch.norm(covariance - identity, p="fro")
+                total, count = (term if total is None else total + term), count + 1
+        return total / count
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         adalora = self._adalora_model(kwargs["model"])

@@ -1,7 +1,7 @@
 """
 The checkpoint to resume from: found ([`last_complete_checkpoint`], which passes over a checkpoint whose save was
-interrupted), decided from what an output directory holds ([`checkpoint_to_resume`]) and checked before anything is
-loaded or written ([`check_checkpoint`]).
+interrupted) and checked before anything is loaded or written ([`check_checkpoint`]). What a run does with the
+checkpoints of its output directory is `run_directory`'s.
 """
 
 import json
@@ -23,12 +23,8 @@ from transformers.utils import (
     WEIGHTS_NAME,
 )
 
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError
 from .identity import check_run_identity
-
-
-# transformers' `save_metrics("all", ...)`, written last: its presence marks a finished run.
-ALL_RESULTS_FILE = "all_results.json"
 
 
 logger = logging.getLogger(__name__)
@@ -61,62 +57,6 @@ def last_complete_checkpoint(output_dir: str) -> Optional[str]:
             return steps[step]
         logger.warning("Passing over %s: its save was interrupted (no valid %s).", steps[step], TRAINER_STATE_NAME)
     return None
-
-
-def is_finished_run(output_dir: str) -> bool:
-    """Whether `output_dir` holds a finished run (its `all_results.json`, the last file a run writes)."""
-    return os.path.isfile(os.path.join(output_dir, ALL_RESULTS_FILE))
-
-
-def checkpoint_to_resume(
-    output_dir: str, overwrite_output_dir: bool, resume_from_checkpoint: Optional[str], do_train: bool
-) -> Optional[str]:
-    """
-    What a run does with its output directory, before it writes anything: never writes over a finished run unless
-    `overwrite_output_dir`; resumes an interrupted one from its last complete checkpoint (as run_glue does), passing
-    over a checkpoint whose save was interrupted.
-
-    Returns:
-        The checkpoint of `output_dir` to resume from, if any (`None` too when `resume_from_checkpoint` names one).
-
-    Raises:
-        `UsageError`: If the directory holds a finished run, or files but no complete checkpoint, and
-            `overwrite_output_dir` is not set.
-    """
-    if not os.path.isdir(output_dir) or not os.listdir(output_dir):
-        return None
-    if overwrite_output_dir:
-        logger.warning("--overwrite_output_dir: the run in %s will be written over.", output_dir)
-        return None
-    if resume_from_checkpoint is not None:
-        return None
-    if is_finished_run(output_dir):
-        raise UsageError(
-            f"The output directory {output_dir} already holds a finished run ({ALL_RESULTS_FILE}). Nothing was "
-            "changed. Pass --overwrite_output_dir to replace it, --resume_from_checkpoint to continue it, or choose "
-            "another --output_dir."
-        )
-    last_checkpoint = last_complete_checkpoint(output_dir) if do_train else None
-    if last_checkpoint is None:
-        raise UsageError(
-            f"The output directory {output_dir} is not empty and holds no complete checkpoint to resume from. Nothing "
-            "was changed. Pass --overwrite_output_dir to write into it anyway, or choose another --output_dir."
-        )
-    logger.info(
-        "Checkpoint detected, resuming training at %s. To avoid this behavior, change the `--output_dir` or add "
-        "`--overwrite_output_dir` to train from scratch.",
-        last_checkpoint,
-    )
-    return last_checkpoint
-
-
-def missing_directories(path: str) -> list[str]:
-    """The directories of `path` that do not exist yet, deepest first: those that writing into `path` creates."""
-    missing, path = [], os.path.abspath(path)
-    while not os.path.exists(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    return missing
 
 
 def check_checkpoint(checkpoint_dir: str, model: nn.Module, identity: dict[str, Any]) -> None:

@@ -48,7 +48,9 @@ class FisherWarmupCallback(TrainerCallback):
       what scales the loss afterwards (gradient accumulation, an fp16 loss scale);
     - [`awaits_calibration`] and [`calibrate`]: IW-LoRA's calibration, before the first training step;
     - [`penalty`]: the [`FisherWeightedPenalty`] with the frozen weights `(1 − I_m)^β`, or `None` during the warm-up;
-    - [`importances_to_log`]: the frozen importances, once, for the training logs;
+    - [`importances_to_log`]: the frozen importances, once, for the logs; a freeze at a step's end asks the Trainer
+      to log at that step, and [`has_unlogged_importances`] says when a trainer has to log them itself (after a
+      calibration, or a freeze at the end of training);
     - [`check_resume`] before resuming, [`save`] with every checkpoint, and [`stop`] when training dies.
 
     When training begins, `estimator` becomes the [`FisherEstimator`] of the model being trained, built from `fw_args`;
@@ -113,6 +115,11 @@ class FisherWarmupCallback(TrainerCallback):
         if self._penalty is None:
             self._penalty = FisherWeightedPenalty(self.matrices, self.penalty_weights, self.fw_args.fw_penalty)
         return self._penalty
+
+    @property
+    def has_unlogged_importances(self) -> bool:
+        """Whether the importances are frozen but not yet reported ([`importances_to_log`])."""
+        return self.frozen and not self._logged
 
     def importances_to_log(self) -> Optional[dict[str, float]]:
         """The frozen importances by matrix name the first time it is called after the freeze, else `None`: what a
@@ -255,6 +262,7 @@ class FisherWarmupCallback(TrainerCallback):
         self.estimator.end_step()
         if state.global_step >= self.warmup_steps:
             self.freeze(args, state)
+            control.should_log = True  # the importances reach the logs (TensorBoard) at the freeze
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.estimator is not None and not self.frozen:

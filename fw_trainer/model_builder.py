@@ -5,6 +5,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+import torch
 from peft import AdaLoraConfig, LoraConfig, get_peft_model
 from torch import nn
 
@@ -177,6 +178,26 @@ def rank_for_budget(model: nn.Module, target_modules: list[str], budget_percent:
     return rank
 
 
+def _check_rank_fits(model: nn.Module, targets: list[str], rank: int) -> None:
+    """
+    Refuses a LoRA rank above a target matrix's smaller side: `ΔW = B A` cannot have a rank above `min(d_in, d_out)`, so
+    the extra rank only adds parameters (and skews a parameter budget).
+
+    Raises:
+        `UsageError`: Naming the first matrix too small and its shape.
+    """
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if name in targets and isinstance(weight, torch.Tensor) and weight.dim() == 2 and rank > min(weight.shape):
+            d_out, d_in = weight.shape
+            raise UsageError(
+                f"A LoRA rank of {rank} does not fit {name} ({d_out} x {d_in}): the update B A of a matrix cannot have a "
+                f"rank above its smaller side, {min(d_out, d_in)}. Pass a --lora_r (and, for AdaLoRA, an initial rank "
+                f"--adalora_init_r_ratio x r) of at most {min(d_out, d_in)}, or leave that matrix out of "
+                "--lora_target_modules."
+            )
+
+
 def build_peft_model(
     model: nn.Module,
     args: FWLoraArguments,
@@ -219,6 +240,9 @@ def build_peft_model(
     else:
         rank = args.lora_r or DEFAULT_LORA_R
 
+    init_rank = math.ceil(args.adalora_init_r_ratio * rank) if args.method == "adalora" else None
+    _check_rank_fits(model, targets, init_rank or rank)
+
     # peft matches `modules_to_save` as plain name suffixes: its `classifier` default catches DistilBERT's
     # `pre_classifier` only by accident, and nothing catches DeBERTa's `pooler`. Name the rest of the head explicitly.
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -230,9 +254,7 @@ def build_peft_model(
         lora_dropout=args.lora_dropout,
         modules_to_save=extra_heads or None,
     )
-    init_rank = None
     if args.method == "adalora":
-        init_rank = math.ceil(args.adalora_init_r_ratio * rank)
         total_steps = num_training_steps or 1_000_000  # placeholder; the callback sets the real count
         config = AdaLoraConfig(
             init_r=init_rank,

@@ -6,9 +6,12 @@ would reject only once training starts (or silently misuse), and a dry build of 
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import fields
+from typing import Any
 
 from transformers import Trainer, TrainingArguments
 
+from .arguments import FWLoraArguments
 from .errors import UsageError
 
 
@@ -20,6 +23,7 @@ TRAINING_ARGUMENT_RULES = (
     ("adam_beta2", "in [0, 1)", lambda value: 0 <= value < 1),
     ("adam_epsilon", "a finite number >= 0", lambda value: math.isfinite(value) and value >= 0),
     ("label_smoothing_factor", "in [0, 1]", lambda value: 0 <= value <= 1),
+    ("max_grad_norm", "a number >= 0 (0 turns clipping off)", lambda value: value is None or value >= 0),
     ("per_device_train_batch_size", "a positive integer", lambda value: value >= 1),
     ("per_device_eval_batch_size", "a positive integer", lambda value: value >= 1),
     ("gradient_accumulation_steps", "a positive integer", lambda value: value >= 1),
@@ -30,13 +34,30 @@ TRAINING_ARGUMENT_RULES = (
 )
 
 
+def check_finite(*argument_groups: Any) -> None:
+    """
+    Refuses NaN and infinity in every numeric field of the given argument dataclasses: no option of ours or of
+    transformers has a meaning for them, and a NaN passes every comparison-based check (`lr < 0` is false for NaN).
+
+    Raises:
+        `UsageError`: Naming the first such argument.
+    """
+    for group in argument_groups:
+        for option in fields(group):
+            value = getattr(group, option.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"--{option.name} should be a finite number, but the value passed is {value}.")
+
+
 def check_training_arguments(training_args: TrainingArguments) -> None:
     """
-    Checks the [`TRAINING_ARGUMENT_RULES`], that a training run trains something, and that `--fp16` has a GPU.
+    Checks the [`TRAINING_ARGUMENT_RULES`] (after [`check_finite`]), that a training run trains something, that
+    `--fp16` has a GPU, and that every `--report_to` integration is known and installed.
 
     Raises:
         `UsageError`: Naming the argument, what it should be and the value passed.
     """
+    check_finite(training_args)
     for name, requirement, test in TRAINING_ARGUMENT_RULES:
         value = getattr(training_args, name)
         if not test(value):
@@ -46,10 +67,47 @@ def check_training_arguments(training_args: TrainingArguments) -> None:
             f"--num_train_epochs {training_args.num_train_epochs} without --max_steps trains nothing: pass a positive "
             "--num_train_epochs or --max_steps."
         )
+    _check_report_to(training_args.report_to)
     if training_args.fp16 and training_args.device.type == "cpu":
         raise UsageError(
             "--fp16 needs a GPU: on the CPU accelerate would silently train in fp32. Use --bf16 for mixed precision on "
             "the CPU, or drop --fp16."
+        )
+
+
+def _check_report_to(report_to: Any) -> None:
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        if name in ("all", "none"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise UsageError(
+                f"--report_to {name} is not an integration transformers knows: use one of "
+                f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}, all or none."
+            )
+        if name not in get_available_reporting_integrations():
+            raise UsageError(
+                f"--report_to {name} needs the {name} package, which is not installed: `pip install {name}`, or "
+                "report to another integration (tensorboard is installed with fw-lora)."
+            )
+
+
+def check_method_arguments(fw_args: FWLoraArguments) -> None:
+    """
+    Refuses method arguments that are legal but pointless for a run.
+
+    Raises:
+        `UsageError`: `--fw_warmup_steps 0` for a method that measures importances (it would measure nothing).
+    """
+    if fw_args.uses_fisher_weights and fw_args.fw_warmup_steps == 0:
+        raise UsageError(
+            f"--fw_warmup_steps 0 measures nothing: every importance of {fw_args.method} would fall back to uniform, "
+            "so the penalty would be a plain uniform L2 penalty on the adapters' updates. Pass a positive "
+            "--fw_warmup_steps (the default is 500, 200 for iw_lora); for a uniform penalty on purpose, keep the "
+            "warm-up and pass --fw_power 0 (every weight 1)."
         )
 
 

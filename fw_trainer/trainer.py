@@ -2,6 +2,7 @@
 
 import logging
 from collections import defaultdict
+from contextlib import nullcontext
 from typing import Any, Optional, Union
 
 import torch
@@ -27,14 +28,17 @@ class FWLoraTrainer(Trainer):
     [`~transformers.Trainer`] for Fisher-weighted LoRA. The only changes w.r.t. `Trainer` are:
 
     - `compute_loss` routes the task loss through the Fisher estimator during the warm-up (so its hooks can undo the
-      loss scaling) and records `task_loss`;
+      loss scaling) and records `task_loss`; for AdaLoRA the model's loss is the task loss alone, in training and
+      evaluation, and peft's orthogonality regulariser is added to the training loss here and logged apart
+      (`adalora_orth_penalty`);
     - `training_step`: once the importances are frozen (methods `fw_lora` and `iw_lora`), the last micro-batch of
       every optimizer step adds the gradient of `λ Σ_m (1 − I_m)^β ‖ΔW_m‖²` to the LoRA gradients, analytically, and
       the term to the reported loss; it records `fw_penalty` (`Σ (1 − I) ‖ΔW‖²`) and `fw_weighted_penalty` (`λ` times
       it). With `fw_warmup_mode="calibrate"` (IW-LoRA) the first one runs the calibration before it: K steps of
       forward/backward passes that update nothing, measured by the estimator, then the freeze;
-    - `log` merges those averages (and AdaLoRA's rank budget, and the frozen importances once) into every report, so
-      they reach TensorBoard and every other integration; with `--torch_compile`, also what the compiler did so far
+    - `log` merges those averages (and AdaLoRA's rank budget) into every training report, and the frozen importances
+      into the first report after the freeze (logged at the freeze), so they reach TensorBoard and every other
+      integration; with `--torch_compile`, also what the compiler did so far
       (`compile/graphs`, `compile/graph_breaks`, `compile/recompiles`, see [`compile_stats`]);
     - `save_model` writes `fw_importance.json` into every checkpoint and `train(resume_from_checkpoint=...)` reads
       it back, so a resumed run continues the warm-up or keeps the frozen importances;
@@ -48,9 +52,10 @@ class FWLoraTrainer(Trainer):
 
     The warm-up, in both modes (its schedule, IW-LoRA's calibration, the freeze, `fw_importance.json`, the penalty of
     the frozen importances), is [`FisherWarmupCallback`]'s, the measurement its [`FisherEstimator`]'s: the trainer
-    calls `loss_to_backpropagate`, `awaits_calibration`/`calibrate`, `penalty`, `importances_to_log`, `check_resume`,
-    `save` and `stop`, and nothing else of it. The same class runs `lora` (nothing added), `adalora` (with [`AdaLoraAllocationCallback`])
-    and `full`, so timings and results compare like for like.
+    calls `loss_to_backpropagate`, `awaits_calibration`/`calibrate`, `penalty`, `importances_to_log` (with
+    `has_unlogged_importances`), `check_resume`, `save` and `stop`, and nothing else of it. The same class runs `lora`
+    (nothing added), `adalora` (with [`AdaLoraAllocationCallback`]) and `full`, so timings and results compare like
+    for like.
 
     Args:
         fw_args ([`FWLoraArguments`], *optional*): The method's arguments; defaults to `FWLoraArguments()`.
@@ -84,6 +89,7 @@ class FWLoraTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._penalty_lambda: Optional[torch.Tensor] = None  # λ on the adapters' device, made at the first penalty
+        self._checked_checkpoint: Optional[str] = None  # the checkpoint `check_resume` accepted last
 
         self.fisher_callback: Optional[FisherWarmupCallback] = None
         self.adalora_callback: Optional[AdaLoraAllocationCallback] = None
@@ -119,35 +125,41 @@ class FWLoraTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None, *args, **kwargs):
         """
-        `Trainer.train`; a resume first checks the checkpoint ([`check_resume`]), and the Fisher statistics saved in
-        it are restored when training begins. `resume_from_checkpoint=True` takes the last complete checkpoint of the
+        `Trainer.train`; a resume first checks the checkpoint ([`check_resume`], unless it was just called for that
+        checkpoint), and the Fisher statistics saved in it are restored when training begins. `resume_from_checkpoint=True` takes the last complete checkpoint of the
         output directory: one whose save was interrupted is passed over.
         """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise CheckpointError(f"There is no complete checkpoint to resume from in {self.args.output_dir}.")
-        if isinstance(resume_from_checkpoint, str):
+        if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint != self._checked_checkpoint:
             self.check_resume(resume_from_checkpoint)
         try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
         except BaseException:
             if self.fisher_callback is not None:
                 self.fisher_callback.stop()
             raise
+        if self.fisher_callback is not None and self.fisher_callback.has_unlogged_importances:
+            self.log({})  # frozen at the end of training (a run shorter than the warm-up): reported now
+        return output
 
     def check_resume(self, checkpoint_dir: str) -> None:
         """
         Checks that this run can resume from `checkpoint_dir`, before anything is loaded or written: a complete
         checkpoint of the same run ([`check_checkpoint`]: the identity, the weights) and, for FW-LoRA and IW-LoRA, a
-        consistent `fw_importance.json` (read here, applied when training begins). `train` calls it.
+        consistent `fw_importance.json` (read here, applied when training begins). `train` calls it, unless a
+        script called it first, before it wrote anything itself: each resume is checked once.
 
         Raises:
             `CheckpointError`: Saying what is wrong and what to do; a [`RunMismatchError`] for another run.
         """
+        self._checked_checkpoint = None
         check_checkpoint(checkpoint_dir, self.model, self.identity())
         if self.fisher_callback is not None:
             self.fisher_callback.check_resume(checkpoint_dir, self.model)
+        self._checked_checkpoint = checkpoint_dir
 
     def identity(self) -> dict[str, Any]:
         """What this run is: the [`run_identity`] of the model, the method, the training arguments and `run_data`."""
@@ -173,6 +185,7 @@ class FWLoraTrainer(Trainer):
                 self.args,
                 self.state,
             )
+            self.control.should_log = True  # the importances reach the logs at the end of this first step
         loss = super().training_step(model, inputs, num_items_in_batch)
         penalty = warmup.penalty if warmup is not None else None
         if penalty is not None and self.fw_args.fw_lambda > 0 and self.accelerator.sync_gradients:
@@ -220,11 +233,18 @@ class FWLoraTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Optional[Union[torch.Tensor, int]] = None,
     ):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
+        adalora = self.adalora_callback
+        with adalora.task_loss_only(self.model) if adalora is not None else nullcontext():
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
         if not model.training:
             return (loss, outputs) if return_outputs else loss
 
         self._metrics["task_loss"].append(loss.detach())
+        if adalora is not None and self.fw_args.adalora_orth_reg_weight > 0:
+            # What peft's forward adds, outside `task_loss`: it still trains the model as peft intends.
+            orthogonality = adalora.orthogonality_penalty(self.model)
+            self._metrics["adalora_orth_penalty"].append(orthogonality.detach())
+            loss = loss + self.fw_args.adalora_orth_reg_weight * orthogonality
         if self.fisher_callback is not None:
             # Lets the warm-up's hooks undo what scales the loss from here on (1 / GA, an fp16 loss scale).
             loss = self.fisher_callback.loss_to_backpropagate(loss)
@@ -245,11 +265,14 @@ class FWLoraTrainer(Trainer):
             if self.adalora_callback is not None and self.adalora_callback.budget is not None:
                 logs["adalora_total_rank"] = float(self.adalora_callback.budget)
                 logs["adalora_mean_rank"] = self.adalora_callback.budget / self.adalora_callback.num_matrices
-            importances = self.fisher_callback.importances_to_log() if self.fisher_callback is not None else None
-            if importances is not None:
-                logs.update({f"fw_importance/{name}": value for name, value in importances.items()})
-                self._log_importance_heatmap(importances)
+        # The frozen importances, once, with whichever log comes first after the freeze.
+        importances = self.fisher_callback.importances_to_log() if self.fisher_callback is not None else None
+        if importances is not None:
+            logs.update({f"fw_importance/{name}": value for name, value in importances.items()})
         super().log(logs, start_time)
+        if importances is not None:
+            # After the scalars: TensorBoard's writer, closed when training ends, is open again once they are logged.
+            self._log_importance_heatmap(importances)
 
     def _log_importance_heatmap(self, importances: dict[str, float]) -> None:
         """The frozen importances as a layer × module-role heatmap image in TensorBoard (`fw_importance/heatmap`)."""

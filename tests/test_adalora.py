@@ -4,8 +4,11 @@ import json
 from unittest import mock
 
 import pytest
+import torch
 from conftest import TokenDataset, lora_model, training_args
 from peft.tuners.adalora import AdaLoraModel
+from test_fisher_callback import SequentialFWLoraTrainer
+from transformers import Trainer
 
 from fw_trainer import FWLoraTrainer
 from fw_trainer.state_files import RANK_PATTERN_FILE
@@ -69,3 +72,60 @@ def test_schedule_that_does_not_fit_is_rejected(tmp_path):
     )
     with pytest.raises(ValueError, match="schedule does not fit in 5 optimizer steps"):
         trainer.train()
+
+
+def cross_entropy_of_logits(model, dataset, rows) -> float:
+    """The task loss computed independently: the model's logits (peft's forward; its regulariser touches only the loss)
+    and torch's cross-entropy."""
+    batch = {key: torch.stack([dataset[i][key] for i in rows]) for key in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(logits, batch["labels"]).item()
+
+
+def test_reported_losses_are_the_task_loss_alone(tmp_path):
+    """`eval_loss` and the logged `task_loss` are the cross-entropy of AdaLoRA's logits, as for every other method;
+    peft's regulariser is logged apart. Failed before: peft's forward added `0.5 × R` to both (2.4 against 0.7)."""
+    dataset = TokenDataset(size=16)
+    model, fw_args = lora_model(method="adalora", lora_r=2, adalora_tinit=0.5, adalora_tfinal=0.2)
+    trainer = SequentialFWLoraTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=1, learning_rate=0.0, per_device_eval_batch_size=16),
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        fw_args=fw_args,
+    )
+    expected_train = cross_entropy_of_logits(model, dataset, range(8))
+    trainer.train()
+    log = next(log for log in trainer.state.log_history if "task_loss" in log)
+    assert log["task_loss"] == pytest.approx(expected_train, rel=1e-5)
+    assert log["adalora_orth_penalty"] > 0
+    # The training loss is the task loss plus the weighted regulariser, which trains the model (below).
+    assert log["loss"] == pytest.approx(expected_train + 0.5 * log["adalora_orth_penalty"], rel=1e-5)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(
+        cross_entropy_of_logits(model, dataset, range(16)), rel=1e-5
+    )
+    # peft's own forward still adds its regulariser outside the trainer.
+    batch = {
+        key: torch.stack([dataset[i][key] for i in range(16)]) for key in ("input_ids", "attention_mask", "labels")
+    }
+    with torch.no_grad():
+        peft_loss = model(**batch).loss.item()
+        penalty = trainer.adalora_callback.orthogonality_penalty(model).item()
+    assert peft_loss == pytest.approx(cross_entropy_of_logits(model, dataset, range(16)) + 0.5 * penalty, rel=1e-5)
+
+
+def test_training_follows_pefts_loss(tmp_path):
+    """The regulariser the trainer adds gives the gradient of peft's own loss: one step of FW-LoRA's trainer and of a
+    plain `Trainer` (peft's forward, regulariser included) end with the same weights."""
+    dataset = TokenDataset(size=8)
+    results = {}
+    for name, trainer_class in (("fw", SequentialFWLoraTrainer), ("plain", Trainer)):
+        model, fw_args = lora_model(method="adalora", lora_r=2, adalora_tinit=0.5, adalora_tfinal=0.2)
+        extra = {"fw_args": fw_args} if trainer_class is not Trainer else {}
+        trainer_class(
+            model=model, args=training_args(tmp_path / name, max_steps=1), train_dataset=dataset, **extra
+        ).train()
+        results[name] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for name, value in results["fw"].items():
+        torch.testing.assert_close(value, results["plain"][name], rtol=1e-5, atol=1e-7, msg=name)

@@ -208,6 +208,52 @@ ARGUMENT_FAULTS = {
         "Training cannot start: the training dataloader rejects the arguments (ValueError: persistent_workers option "
         "needs num_workers > 0). Check --per_device_train_batch_size, --dataloader_*.",
     ),
+    # Issue 18: numbers out of their domain (NaN and infinities first), legal but pointless values, ambiguous data,
+    # and faults that were a traceback or the whole usage. Each ran (silently wrong) or crashed before.
+    "nan_lambda": (
+        ["--fw_lambda", "nan"],
+        "`fw_lambda` should be greater than or equal to 0, but the value passed is nan",
+    ),
+    "infinite_power": (
+        ["--fw_power", "inf"],
+        "`fw_power` should be greater than or equal to 0, but the value passed is inf",
+    ),
+    "infinite_alpha": (["--lora_alpha", "inf"], "`lora_alpha` should be greater than 0, but the value passed is inf"),
+    "nan_learning_rate": (
+        ["--learning_rate", "nan"],
+        "--learning_rate should be a finite number, but the value passed is nan",
+    ),
+    "nan_clipping": (
+        ["--max_grad_norm", "nan"],
+        "--max_grad_norm should be a finite number, but the value passed is nan",
+    ),
+    "negative_clipping": (["--max_grad_norm", "-1"], "--max_grad_norm should be a number >= 0 (0 turns clipping off)"),
+    "infinite_epochs": (
+        ["--max_steps", "-1", "--num_train_epochs", "inf"],
+        "--num_train_epochs should be a finite number",
+    ),
+    "nan_warmup_ratio": (["--warmup_steps", "nan"], "--warmup_steps should be a finite number"),
+    "rank_above_the_smaller_side": (["--lora_r", "40"], "A LoRA rank of 40 does not fit bert.encoder.layer.0"),
+    "no_warmup": (["--fw_warmup_steps", "0"], "--fw_warmup_steps 0 measures nothing"),
+    "task_and_files": (
+        ["--train_file", "train.csv"],
+        "--task_name loads a GLUE task and --train_file/--validation_file",
+    ),
+    "unknown_integration": (["--report_to", "tensorbored"], "--report_to tensorbored is not an integration"),
+    "uninstalled_integration": (
+        ["--report_to", "wandb"],
+        "--report_to wandb needs the wandb package, which is not installed",
+    ),
+    "unknown_metric": (
+        ["--metric_name", "no_such_metric"],
+        "Could not load the metric 'no_such_metric' with `evaluate`",
+    ),
+    "wrong_type": (["--lora_r", "four"], "Argument --lora_r/--lora-r: invalid int value: 'four'. See --help."),
+    "invalid_choice": (
+        ["--fw_estimator", "exactly"],
+        "Argument --fw_estimator/--fw-estimator: invalid choice: 'exactly'",
+    ),
+    "yaml_not_first": (["run.yaml"], "The config file run.yaml must come first"),
 }
 
 
@@ -222,7 +268,8 @@ def test_an_argument_fault_is_one_paragraph_and_writes_nothing(
     extra, message = ARGUMENT_FAULTS[fault]
     out = tmp_path / "new" / "run"
     assert run(base_args(tiny_model_dir, glue_dir, out, *extra)) == 2
-    assert message in error_paragraph(capsys.readouterr().err)
+    stderr = capsys.readouterr().err
+    assert message in error_paragraph(stderr) and "usage:" not in stderr
     assert not (tmp_path / "new").exists()  # not even the folders the Trainer creates
 
 

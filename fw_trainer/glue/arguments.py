@@ -15,7 +15,7 @@ from transformers.integrations import is_tensorboard_available
 from ..arguments import FWLoraArguments
 from ..errors import UsageError
 from ..identity import resume_rules
-from ..preflight import check_training_arguments
+from ..preflight import check_finite, check_method_arguments, check_training_arguments
 from .data import TASK_TO_KEYS, glue_dir_from_env
 
 
@@ -160,6 +160,11 @@ class DataTrainingArguments:
                     f"`{name}` should be >= 1 (or left out for all examples), but the value passed is "
                     f"{getattr(self, name)}."
                 )
+        if self.task_name is not None and (self.train_file is not None or self.validation_file is not None):
+            raise ValueError(
+                "--task_name loads a GLUE task and --train_file/--validation_file load your own files: pass one or the "
+                "other, not both."
+            )
         if self.task_name is not None:
             self.task_name = self.task_name.lower()
             if self.task_name not in TASK_TO_KEYS:
@@ -224,9 +229,16 @@ class ScriptArguments:
             raise ValueError(f"`hpo_trials` should be >= 0, but the value passed is {self.hpo_trials}.")
 
 
+class _Parser(HfArgumentParser):
+    """An argument error is a [`UsageError`] (one short paragraph), not argparse's usage dump and exit."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message[0].upper()}{message[1:]}. See --help.")
+
+
 def make_parser() -> HfArgumentParser:
     """The parser of the script's five dataclasses; `--help` ends with the resume rules."""
-    return HfArgumentParser(
+    return _Parser(
         (ModelArguments, DataTrainingArguments, FWLoraArguments, ScriptArguments, TrainingArguments),
         description="Fine-tunes an encoder on GLUE (or your own csv/json files) with LoRA, AdaLoRA, FW-LoRA or full "
         "fine-tuning. Without --do_train, --do_eval or --do_predict it trains and evaluates (run_glue.py would do "
@@ -251,7 +263,10 @@ def to_argv(args: dict[str, Any]) -> list[str]:
 def yaml_to_argv(path: str) -> list[str]:
     """The arguments of a YAML file as command-line flags, so that later flags override them."""
     with open(path) as f:
-        config = yaml.safe_load(f) or {}
+        try:
+            config = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:
+            raise UsageError(f"{path} is not valid YAML: {error}. Fix it, or pass the arguments as flags.") from error
     if not isinstance(config, dict):
         raise UsageError(f"{path} should hold a mapping of argument names to values, e.g. `task_name: sst2`.")
     return to_argv(config)
@@ -277,6 +292,15 @@ def parse_args(
     elif "--config" in argv[:-1]:
         at = argv.index("--config")
         config, argv = argv[at + 1], argv[:at] + argv[at + 2 :]
+    # A YAML file anywhere else, not the value of a flag (e.g. after another flag's value), is one out of place.
+    misplaced = [
+        arg for at, arg in enumerate(argv) if arg.endswith((".yaml", ".yml")) and not argv[at - 1][:2] == "--"
+    ]
+    if misplaced:
+        raise UsageError(
+            f"The config file {misplaced[0]} must come first (`run_glue_fw.py {misplaced[0]} --flag value ...`) or "
+            "follow --config; the flags after it override it."
+        )
     if config is not None:
         if not os.path.isfile(config):
             raise UsageError(f"The config file {config} does not exist.")
@@ -300,7 +324,10 @@ def parse_args(
     if "output_dir" not in given:
         training_args.output_dir = default_output_dir(data_args, fw_args)
         script_args.applied_defaults.append(f"No --output_dir given: the run goes to {training_args.output_dir}.")
+    check_finite(model_args, data_args, fw_args, script_args)
     check_training_arguments(training_args)
+    if training_args.do_train:
+        check_method_arguments(fw_args)
     if script_args.hpo_trials and not (training_args.do_train and training_args.eval_strategy != "no"):
         raise UsageError(
             "--hpo_trials scores each trial by its last evaluation during training: pass --do_train and an "

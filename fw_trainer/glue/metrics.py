@@ -2,12 +2,15 @@
 The GLUE metrics of `evaluate.load("glue", task)`, computed locally with scikit-learn and scipy (no Hub download).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional, Union
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
+from transformers import EvalPrediction
+
+from ..errors import UsageError
 
 
 # The configurations that evaluate's `glue` metric accepts, and the numbers each one returns.
@@ -119,3 +122,50 @@ def _as_metric_input(values: ArrayLike, name: str, task_name: str, regression: b
             f"GLUE {task_name}: {name} must be class ids (integers), got an array of dtype {array.dtype}."
         )
     return array.astype(np.int64)
+
+
+def predicted_labels(predictions: Union[np.ndarray, tuple[np.ndarray, ...]], is_regression: bool) -> np.ndarray:
+    """The model's outputs as predictions: a label id per example (the arg max of the logits), or a score."""
+    predictions = predictions[0] if isinstance(predictions, tuple) else predictions
+    return np.squeeze(predictions) if is_regression else np.argmax(predictions, axis=1)
+
+
+def metric_function(
+    task_name: Optional[str], is_regression: bool, metric_name: Optional[str] = None, cache_dir: Optional[str] = None
+) -> Callable[[EvalPrediction], dict[str, float]]:
+    """
+    The `compute_metrics` of the GLUE script, as run_glue.py's: a GLUE task's metrics (offline, [`glue_metric`], with
+    `combined_score` where the task has several), a metric loaded with `evaluate` (`metric_name`, from the Hub), or
+    for your own files accuracy or, for a regression, the mean squared error.
+
+    Raises:
+        `UsageError`: If `metric_name` cannot be loaded (unknown, or the Hub is out of reach).
+    """
+    hub_metric = None
+    if metric_name is not None:
+        import evaluate
+
+        try:
+            hub_metric = evaluate.load(metric_name, cache_dir=cache_dir)
+        except Exception as error:  # unknown name, offline, ...: `evaluate` fails in many ways
+            raise UsageError(
+                f"Could not load the metric {metric_name!r} with `evaluate` ({type(error).__name__}: {error}). Check "
+                "its name on the Hub, or leave out --metric_name to use the GLUE metrics computed offline."
+            ) from error
+
+    def compute_metrics(p: EvalPrediction) -> dict[str, float]:
+        preds = predicted_labels(p.predictions, is_regression)
+        if hub_metric is not None:
+            result = hub_metric.compute(predictions=preds, references=p.label_ids)
+        elif task_name is not None:
+            result = glue_metric(task_name, preds, p.label_ids)
+        elif is_regression:
+            return {"mse": ((preds - p.label_ids) ** 2).mean().item()}
+        else:
+            return {"accuracy": (preds == p.label_ids).astype(np.float32).mean().item()}
+        score = combined_score(result)
+        if score is not None:
+            result["combined_score"] = score
+        return result
+
+    return compute_metrics

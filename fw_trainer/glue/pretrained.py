@@ -1,7 +1,9 @@
 """The pretrained model and tokenizer of the GLUE script, loaded as run_glue.py loads them (with an offline default
 model), and the script's logging setup."""
 
+import json
 import logging
+import os
 import sys
 from typing import Optional
 
@@ -74,18 +76,27 @@ def hub_kwargs(model_args: ModelArguments) -> dict:
 def load_pretrained(
     model_args: ModelArguments, model_path: str, num_labels: int, task_name: Optional[str]
 ) -> tuple[PretrainedConfig, PreTrainedTokenizerBase, PreTrainedModel]:
-    """The config, tokenizer and model, loaded as run_glue.py loads them; a model that cannot be fetched (e.g.
-    offline) is reported as a usage error."""
+    """The config, tokenizer and model, loaded as run_glue.py loads them; a path that holds no model or tokenizer, or
+    a model that cannot be fetched (e.g. offline), is reported as a usage error that names what to pass instead."""
+    config_path = model_args.config_name or model_path
+    tokenizer_path = model_args.tokenizer_name or model_path
+    for argument, path in (("--model_name_or_path", model_path), ("--config_name", config_path)):
+        _check_model_directory(argument, path)
     try:
         config = AutoConfig.from_pretrained(
-            model_args.config_name or model_path,
-            num_labels=num_labels,
-            finetuning_task=task_name,
-            **hub_kwargs(model_args),
+            config_path, num_labels=num_labels, finetuning_task=task_name, **hub_kwargs(model_args)
         )
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_args.tokenizer_name or model_path, use_fast=model_args.use_fast_tokenizer, **hub_kwargs(model_args)
-        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                tokenizer_path, use_fast=model_args.use_fast_tokenizer, **hub_kwargs(model_args)
+            )
+        except (OSError, ValueError) as error:
+            own = " or leave --tokenizer_name out to use the model's own," if model_args.tokenizer_name else ""
+            raise UsageError(
+                f"Could not load a tokenizer from {tokenizer_path!r} ({' '.join(str(error).split())}). Pass a "
+                f"directory holding a tokenizer (tokenizer.json or its vocabulary files),{own} or a model id the Hub "
+                "can serve."
+            ) from error
         return config, tokenizer, load_model(model_args, model_path, config)
     except OSError as error:
         raise UsageError(
@@ -93,6 +104,24 @@ def load_pretrained(
             "to --model_name_or_path (a saved model with config.json, weights and tokenizer), or leave it out to use "
             "the embedded all-MiniLM-L6-v2."
         ) from error
+
+
+def _check_model_directory(argument: str, path: str) -> None:
+    """A local directory given as a model must hold one (`config.json`); an adapter directory names its base model."""
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
+        return
+    adapter_config = os.path.join(path, "adapter_config.json")
+    if os.path.isfile(adapter_config):
+        with open(adapter_config) as f:
+            base = json.load(f).get("base_model_name_or_path")
+        raise UsageError(
+            f"{argument} {path} holds a LoRA adapter, not a model: pass its base model, {argument} {base}. (To use the "
+            "adapter itself, load it with `PeftModel.from_pretrained(model, path)`.)"
+        )
+    raise UsageError(
+        f"{argument} {path} is a directory without a model (no config.json). Pass a saved model's directory or a "
+        "model id, or leave --model_name_or_path out to use the embedded all-MiniLM-L6-v2."
+    )
 
 
 def load_model(model_args: ModelArguments, model_path: str, config: PretrainedConfig) -> PreTrainedModel:

@@ -8,13 +8,12 @@ import logging
 import os
 import random
 import sys
+from contextlib import nullcontext
 from typing import Optional
 
-import numpy as np
 from datasets import DatasetDict
 from transformers import (
     DataCollatorWithPadding,
-    EvalPrediction,
     PretrainedConfig,
     TrainingArguments,
     default_data_collator,
@@ -22,20 +21,19 @@ from transformers import (
 )
 
 from ..arguments import FWLoraArguments
-from ..checkpoints import checkpoint_to_resume, missing_directories
-from ..errors import USER_FAULTS, CheckpointError, UsageError
+from ..divergence import divergence_advice, metrics_divergence, training_divergence
+from ..errors import USER_FAULTS, CheckpointError, TrainingDivergedError, UsageError
 from ..hpo import run_hyperparameter_search
 from ..measurement import peak_memory_mb, reset_peak_memory
 from ..model_builder import build_peft_model
 from ..preflight import check_training_setup
+from ..run_directory import OutputDirectoryLock, check_writable, checkpoint_to_resume, missing_directories
 from ..trainer import FWLoraTrainer
 from .arguments import DataTrainingArguments, ModelArguments, ScriptArguments, padding_multiple, parse_args, run_data
-from .data import TASK_TO_KEYS
-from .data_sources import load_raw_datasets
-from .metrics import PRIMARY_GLUE_METRIC, combined_score, glue_metric
+from .data_sources import labels_of, load_raw_datasets, sentence_keys
+from .metrics import PRIMARY_GLUE_METRIC, metric_function, predicted_labels
 from .pretrained import load_model, load_pretrained, resolve_model_path, setup_logging
 from .run_outputs import (
-    predicted_labels,
     print_report,
     print_search_report,
     write_adapter_summary,
@@ -48,24 +46,33 @@ from .run_outputs import (
 logger = logging.getLogger(__name__)
 
 RELABELLED = "label_id"
+# The exit status of a run that diverged (2 is bad input): a sweep does not retry it.
+DIVERGED_EXIT_STATUS = 3
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """
-    Runs the script on `argv` (default: the command line). This is the one place where the faults a user can cause
-    become an `error:` paragraph: the library's [`USER_FAULTS`] (bad arguments or files, a checkpoint that cannot be
-    resumed, a warm-up that diverged). Any other exception is a bug and keeps its traceback.
+    Runs the script on `argv` (default: the command line), holding its output directory ([`OutputDirectoryLock`]).
+    This is the one place where the faults a user can cause become an `error:` paragraph: the library's
+    [`USER_FAULTS`] (bad arguments or files, a checkpoint that cannot be resumed, a directory in use, a warm-up that
+    diverged) and a run that diverged. Any other exception is a bug and keeps its traceback.
 
     Returns:
-        `int`: The exit status: 0, or 2 after bad input, reported as one `error: ...` paragraph on standard error. The
-        output directory is left as it was (the directories the run created are removed again while still empty).
+        `int`: The exit status: 0; 2 after bad input, with the output directory left as it was (the directories the
+        run created are removed again while empty); [`DIVERGED_EXIT_STATUS`] after a run whose final training loss or
+        dev metrics are not finite, its files kept for inspection. Either is reported as one `error: ...` paragraph on
+        standard error.
     """
     created = []
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        created = missing_directories(args[-1].output_dir)
-        run(*args)
-    except USER_FAULTS as error:
+        output_dir, training_args = args[-1].output_dir, args[-1]
+        check_writable(output_dir)
+        created = missing_directories(output_dir)
+        # The main process holds the directory for all (the others write nothing of their own there).
+        with OutputDirectoryLock(output_dir) if training_args.process_index == 0 else nullcontext():
+            run(*args)
+    except (*USER_FAULTS, TrainingDivergedError) as error:
         message = str(error)
         if isinstance(error, CheckpointError):
             message += (
@@ -77,7 +84,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 os.rmdir(directory)
         # One paragraph, whatever line breaks the underlying library put into its message.
         print("error: " + " ".join(message.split()), file=sys.stderr)
-        return 2
+        return DIVERGED_EXIT_STATUS if isinstance(error, TrainingDivergedError) else 2
     return 0
 
 
@@ -111,12 +118,8 @@ def run(
     raw_datasets = load_raw_datasets(model_args, data_args, training_args.do_predict)
 
     # Labels
-    if data_args.task_name is not None:
-        is_regression = data_args.task_name == "stsb"
-        label_list = None if is_regression else raw_datasets["train"].features["label"].names
-    else:
-        is_regression = raw_datasets["train"].features["label"].dtype in ["float32", "float64"]
-        label_list = None if is_regression else sorted(raw_datasets["train"].unique("label"))
+    label_list = labels_of(raw_datasets, data_args.task_name)
+    is_regression = label_list is None
     num_labels = 1 if is_regression else len(label_list)
 
     # Load pretrained model and tokenizer
@@ -124,16 +127,7 @@ def run(
     config, tokenizer, model = load_pretrained(model_args, model_path, num_labels, data_args.task_name)
 
     # Preprocessing the raw_datasets
-    if data_args.task_name is not None:
-        sentence1_key, sentence2_key = TASK_TO_KEYS[data_args.task_name]
-    else:
-        non_label_column_names = [name for name in raw_datasets["train"].column_names if name != "label"]
-        if "sentence1" in non_label_column_names and "sentence2" in non_label_column_names:
-            sentence1_key, sentence2_key = "sentence1", "sentence2"
-        elif len(non_label_column_names) >= 2:
-            sentence1_key, sentence2_key = non_label_column_names[:2]
-        else:
-            sentence1_key, sentence2_key = non_label_column_names[0], None
+    sentence1_key, sentence2_key = sentence_keys(raw_datasets, data_args.task_name)
 
     # Padding strategy: by default each batch is padded to its longest sequence by the data collator.
     padding = "max_length" if data_args.pad_to_max_length else False
@@ -232,25 +226,7 @@ def run(
             logger.info(f"Sample {index} of the training set: {train_dataset[index]}.")
 
     # Get the metric function: the GLUE metrics computed offline, or a metric from the Hub with --metric_name.
-    if data_args.metric_name is not None:
-        import evaluate
-
-        hub_metric = evaluate.load(data_args.metric_name, cache_dir=model_args.cache_dir)
-
-    def compute_metrics(p: EvalPrediction):
-        preds = predicted_labels(p.predictions, is_regression)
-        if data_args.metric_name is not None:
-            result = hub_metric.compute(predictions=preds, references=p.label_ids)
-        elif data_args.task_name is not None:
-            result = glue_metric(data_args.task_name, preds, p.label_ids)
-        elif is_regression:
-            return {"mse": ((preds - p.label_ids) ** 2).mean().item()}
-        else:
-            return {"accuracy": (preds == p.label_ids).astype(np.float32).mean().item()}
-        score = combined_score(result)
-        if score is not None:
-            result["combined_score"] = score
-        return result
+    compute_metrics = metric_function(data_args.task_name, is_regression, data_args.metric_name, model_args.cache_dir)
 
     # Data collator: stacks samples padded to max length already, else pads each batch to its longest sequence.
     if data_args.pad_to_max_length:
@@ -277,14 +253,21 @@ def run(
         run_data=run_data(data_args, max_seq_length),
     )
 
-    # Before anything is written: training can start (`train()` checks the checkpoint to resume from first thing).
+    # Before anything is written: the checkpoint to resume from is this run's (`train()` does not check it again),
+    # and training can start.
+    checkpoint = None
     if training_args.do_train:
+        if not script_args.hpo_trials:  # a search trains its trials from scratch
+            checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+        if checkpoint is not None:
+            trainer.check_resume(checkpoint)
         check_training_setup(trainer)
+    if training_args.should_save:
+        write_adapter_summary(training_args.output_dir, summary)
+    advice = divergence_advice(training_args.learning_rate, training_args.max_grad_norm, training_args.fp16)
 
     # Hyper-parameter search (--hpo_trials): the trials are the run; no final model is trained.
     if script_args.hpo_trials:
-        if training_args.should_save:
-            write_adapter_summary(training_args.output_dir, summary)
 
         def build_model(method_args: FWLoraArguments):
             # A fresh pretrained model per trial, adapted with the trial's method arguments (rank, ...).
@@ -305,7 +288,7 @@ def run(
     # Training (a search above trains its trials from scratch)
     if training_args.do_train:
         reset_peak_memory(training_args.device)
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
         metrics = train_result.metrics
         metrics["train_samples"] = len(train_dataset)
         metrics["train_peak_memory_mb"], metrics["train_peak_memory_kind"] = peak_memory_mb(training_args.device)
@@ -317,11 +300,12 @@ def run(
             write_delta_weight_norms(training_args.output_dir, trainer.model)
 
         trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
+        # A run that diverged keeps its files but is not finished: it gets no all_results.json.
+        diverged = training_divergence(metrics, trainer.state.log_history, advice, trainer.model)
+        trainer.save_metrics("train", metrics, combined=diverged is None)
         trainer.save_state()
-
-    if training_args.should_save:
-        write_adapter_summary(training_args.output_dir, summary)
+        if diverged is not None:
+            raise diverged
 
     # Evaluation
     eval_metrics = {}
@@ -351,7 +335,10 @@ def run(
             if trainer.is_world_process_zero():
                 predictions = predicted_labels(output.predictions, is_regression)
                 write_eval_predictions(training_args.output_dir, task, predictions, output.label_ids, is_regression)
-        trainer.save_metrics("eval", eval_metrics)
+        diverged = metrics_divergence(eval_metrics, "final dev metrics", advice)
+        trainer.save_metrics("eval", eval_metrics, combined=diverged is None)
+        if diverged is not None:
+            raise diverged
 
     if training_args.do_predict:
         logger.info("*** Predict ***")

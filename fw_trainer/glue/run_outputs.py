@@ -4,14 +4,14 @@ What the GLUE script writes beside run_glue's files (`adapter_summary.json`, `de
 """
 
 import os
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 from torch import nn
 from transformers.trainer import TRAINER_STATE_NAME
 
 from ..adapted_matrices import delta_weight_norms
-from ..checkpoints import ALL_RESULTS_FILE as ALL_RESULTS_FILE  # the files a finished run holds, together
+from ..run_directory import ALL_RESULTS_FILE as ALL_RESULTS_FILE  # the files a finished run holds, together
 from ..state_files import write_json_atomic
 
 
@@ -108,9 +108,3 @@ def print_search_report(results: dict[str, Any]) -> None:
     best, objective = results["best_trial"], results["objective"]
     print(f"\nBest of {len(results['trials'])} trials: #{best['number']}, {objective} = {best['objective']:.4f}")
     print("Parameters: " + ", ".join(f"--{key} {value}" for key, value in best["params"].items()))
-
-
-def predicted_labels(predictions: Union[np.ndarray, tuple[np.ndarray, ...]], is_regression: bool) -> np.ndarray:
-    """The model's outputs as predictions: a label id per example (the arg max of the logits), or a score."""
-    predictions = predictions[0] if isinstance(predictions, tuple) else predictions
-    return np.squeeze(predictions) if is_regression else np.argmax(predictions, axis=1)

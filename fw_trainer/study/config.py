@@ -79,10 +79,18 @@ class StudyConfig:
 
     @classmethod
     def from_yaml(cls, path: str) -> "StudyConfig":
+        if os.path.isdir(path):
+            raise StudyConfigError(
+                f"{path} is a directory: pass the study's YAML file (e.g. configs/studies/cpu_minilm.yaml), not its "
+                "output or results directory."
+            )
         if not os.path.isfile(path):
             raise StudyConfigError(f"The study file {path} does not exist.")
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as error:
+                raise StudyConfigError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from error
         if not isinstance(raw, dict):
             raise StudyConfigError(
                 f"{path} should hold a mapping with `output_dir`, `results_dir`, `args` and `axes`."

@@ -27,8 +27,9 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Optional
 
-from ..checkpoints import is_finished_run, last_complete_checkpoint
 from ..glue.arguments import to_argv
+from ..glue.run import DIVERGED_EXIT_STATUS
+from ..run_directory import is_finished_run, last_complete_checkpoint
 from ..state_files import write_json_atomic
 from .config import StudyConfig, StudyConfigError, StudyRun
 from .run_metrics import METRICS_FILE, collect_run_metrics
@@ -179,14 +180,18 @@ class Sweep:
         for _ in range(1 + self.max_retries):
             if self._stopping:
                 break
-            if self._run_once(run, environment):
+            returncode = self._run_once(run, environment)
+            if returncode == 0:
                 seconds = time.time() - start
                 with self._lock:
                     self._durations.append(seconds)
                 return True, seconds
+            if returncode == DIVERGED_EXIT_STATUS:
+                break  # the same run diverges again: failed, not retried
         return False, time.time() - start
 
-    def _run_once(self, run: StudyRun, environment: dict[str, str]) -> bool:
+    def _run_once(self, run: StudyRun, environment: dict[str, str]) -> int:
+        """Runs `run` (unless it finished before) and writes its `metrics.json`; returns the run's exit status."""
         output_dir = run_dir(self.config, run)
         if not is_finished_run(output_dir):
             command = run_command(self.config, run)
@@ -203,11 +208,11 @@ class Sweep:
                 with self._lock:
                     self._processes.discard(process)
             if returncode != 0:
-                return False
+                return returncode
         task_name = run.args.get("task_name")
         extra = {"run": run.name, "labels": run.labels, "args": run.args}
         write_json_atomic(os.path.join(output_dir, METRICS_FILE), collect_run_metrics(output_dir, task_name, extra))
-        return True
+        return 0
 
     def terminate(self) -> None:
         """Stops the runs in flight (they resume from their last checkpoint, or start again, next time)."""
