@@ -48,9 +48,8 @@ class FisherWarmupCallback(TrainerCallback):
       what scales the loss afterwards (gradient accumulation, an fp16 loss scale);
     - [`awaits_calibration`] and [`calibrate`]: IW-LoRA's calibration, before the first training step;
     - [`penalty`]: the [`FisherWeightedPenalty`] with the frozen weights `(1 − I_m)^β`, or `None` during the warm-up;
-    - [`importances_to_log`]: the frozen importances, once, for the logs; a freeze at a step's end asks the Trainer
-      to log at that step, and [`has_unlogged_importances`] says when a trainer has to log them itself (after a
-      calibration, or a freeze at the end of training);
+    - [`importances_to_log`]: the frozen importances, once, for the logs; `on_freeze` (given to the constructor) is
+      called at every freeze, so that the trainer logs them then;
     - [`check_resume`] before resuming, [`save`] with every checkpoint, and [`stop`] when training dies.
 
     When training begins, `estimator` becomes the [`FisherEstimator`] of the model being trained, built from `fw_args`;
@@ -59,11 +58,20 @@ class FisherWarmupCallback(TrainerCallback):
     Args:
         fw_args ([`FWLoraArguments`]): The method's arguments (`fw_*`).
         adapter_name (`str`, *optional*, defaults to `"default"`): The LoRA adapter whose matrices are measured.
+        on_freeze (`Callable[[], None]`, *optional*):
+            Called when the importances freeze (after the table is logged and `fw_importance.json` written):
+            [`FWLoraTrainer`] reports them to every logging integration there and then.
     """
 
-    def __init__(self, fw_args: FWLoraArguments, adapter_name: str = "default"):
+    def __init__(
+        self,
+        fw_args: FWLoraArguments,
+        adapter_name: str = "default",
+        on_freeze: Optional[Callable[[], None]] = None,
+    ):
         self.fw_args = fw_args
         self.adapter_name = adapter_name
+        self.on_freeze = on_freeze
         self.estimator: Optional[FisherEstimator] = None  # built for the model when training begins
         self.fisher: Optional[torch.Tensor] = None  # F, set when frozen
         self.importances: Optional[torch.Tensor] = None  # I, set when frozen
@@ -115,11 +123,6 @@ class FisherWarmupCallback(TrainerCallback):
         if self._penalty is None:
             self._penalty = FisherWeightedPenalty(self.matrices, self.penalty_weights, self.fw_args.fw_penalty)
         return self._penalty
-
-    @property
-    def has_unlogged_importances(self) -> bool:
-        """Whether the importances are frozen but not yet reported ([`importances_to_log`])."""
-        return self.frozen and not self._logged
 
     def importances_to_log(self) -> Optional[dict[str, float]]:
         """The frozen importances by matrix name the first time it is called after the freeze, else `None`: what a
@@ -225,6 +228,8 @@ class FisherWarmupCallback(TrainerCallback):
         if state.is_world_process_zero:
             logger.info("FW-LoRA importances frozen at step %d:\n%s", state.global_step, self.format_table())
             self.save(args.output_dir)
+        if self.on_freeze is not None:
+            self.on_freeze()
 
     # ----- Trainer events ---------------------------------------------------------------------------------------
 
@@ -262,7 +267,6 @@ class FisherWarmupCallback(TrainerCallback):
         self.estimator.end_step()
         if state.global_step >= self.warmup_steps:
             self.freeze(args, state)
-            control.should_log = True  # the importances reach the logs (TensorBoard) at the freeze
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.estimator is not None and not self.frozen:

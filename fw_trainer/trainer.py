@@ -37,8 +37,7 @@ class FWLoraTrainer(Trainer):
       it). With `fw_warmup_mode="calibrate"` (IW-LoRA) the first one runs the calibration before it: K steps of
       forward/backward passes that update nothing, measured by the estimator, then the freeze;
     - `log` merges those averages (and AdaLoRA's rank budget) into every training report, and the frozen importances
-      into the first report after the freeze (logged at the freeze), so they reach TensorBoard and every other
-      integration; with `--torch_compile`, also what the compiler did so far
+      into a report of their own at the freeze, so they reach TensorBoard and every other integration; with `--torch_compile`, also what the compiler did so far
       (`compile/graphs`, `compile/graph_breaks`, `compile/recompiles`, see [`compile_stats`]);
     - `save_model` writes `fw_importance.json` into every checkpoint and `train(resume_from_checkpoint=...)` reads
       it back, so a resumed run continues the warm-up or keeps the frozen importances;
@@ -52,8 +51,8 @@ class FWLoraTrainer(Trainer):
 
     The warm-up, in both modes (its schedule, IW-LoRA's calibration, the freeze, `fw_importance.json`, the penalty of
     the frozen importances), is [`FisherWarmupCallback`]'s, the measurement its [`FisherEstimator`]'s: the trainer
-    calls `loss_to_backpropagate`, `awaits_calibration`/`calibrate`, `penalty`, `importances_to_log` (with
-    `has_unlogged_importances`), `check_resume`, `save` and `stop`, and nothing else of it. The same class runs `lora`
+    calls `loss_to_backpropagate`, `awaits_calibration`/`calibrate`, `penalty`, `importances_to_log` (when its
+    `on_freeze` asks for a log), `check_resume`, `save` and `stop`, and nothing else of it. The same class runs `lora`
     (nothing added), `adalora` (with [`AdaLoraAllocationCallback`]) and `full`, so timings and results compare like
     for like.
 
@@ -117,7 +116,7 @@ class FWLoraTrainer(Trainer):
                 self.remove_callback(callback)
         self.fisher_callback = self.adalora_callback = None
         if self.fw_args.uses_fisher_weights:
-            self.fisher_callback = FisherWarmupCallback(self.fw_args)
+            self.fisher_callback = FisherWarmupCallback(self.fw_args, on_freeze=self._log_frozen_importances)
             self.add_callback(self.fisher_callback)
         elif self.fw_args.method == "adalora":
             self.adalora_callback = AdaLoraAllocationCallback(self.fw_args.adalora_tinit, self.fw_args.adalora_tfinal)
@@ -136,14 +135,11 @@ class FWLoraTrainer(Trainer):
         if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint != self._checked_checkpoint:
             self.check_resume(resume_from_checkpoint)
         try:
-            output = super().train(resume_from_checkpoint, *args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         except BaseException:
             if self.fisher_callback is not None:
                 self.fisher_callback.stop()
             raise
-        if self.fisher_callback is not None and self.fisher_callback.has_unlogged_importances:
-            self.log({})  # frozen at the end of training (a run shorter than the warm-up): reported now
-        return output
 
     def check_resume(self, checkpoint_dir: str) -> None:
         """
@@ -185,7 +181,6 @@ class FWLoraTrainer(Trainer):
                 self.args,
                 self.state,
             )
-            self.control.should_log = True  # the importances reach the logs at the end of this first step
         loss = super().training_step(model, inputs, num_items_in_batch)
         penalty = warmup.penalty if warmup is not None else None
         if penalty is not None and self.fw_args.fw_lambda > 0 and self.accelerator.sync_gradients:
@@ -273,6 +268,13 @@ class FWLoraTrainer(Trainer):
         if importances is not None:
             # After the scalars: TensorBoard's writer, closed when training ends, is open again once they are logged.
             self._log_importance_heatmap(importances)
+
+    def _log_frozen_importances(self) -> None:
+        """At the freeze, whichever step it is: the importances in a report of their own (`log` merges them in)."""
+        # A log clears the Trainer's `should_log`: a training log due at this step must still happen.
+        due = self.control.should_log
+        self.log({})
+        self.control.should_log = due
 
     def _log_importance_heatmap(self, importances: dict[str, float]) -> None:
         """The frozen importances as a layer × module-role heatmap image in TensorBoard (`fw_importance/heatmap`)."""

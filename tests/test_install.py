@@ -2,6 +2,7 @@
 `--no-deps --no-build-isolation`, the dependencies borrowed from this environment), the GLUE runner and the study
 work from there, without the checkout."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from fw_trainer.study.config import StudyConfig
 ROOT = Path(__file__).resolve().parents[1]
 # What the package is built from; nothing else of the checkout goes along.
 PACKAGE_FILES = ("fw_trainer", "setup.cfg", "pyproject.toml", "README.md")
+# The environment of a user's shell: no PYTHONPATH pointing into a checkout.
+OUTSIDE = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,7 @@ def installed(tmp_path_factory) -> Path:
 
 
 def run_outside(python: Path, tmp_path: Path, *command: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(python), *command], cwd=tmp_path, capture_output=True, text=True)
+    return subprocess.run([str(python), *command], cwd=tmp_path, env=OUTSIDE, capture_output=True, text=True)
 
 
 def test_the_installed_package_is_the_one_imported(installed, tmp_path):
@@ -60,7 +63,7 @@ def test_the_installed_package_is_the_one_imported(installed, tmp_path):
 
 def test_the_glue_runner_is_installed_as_a_module_and_a_command(installed, tmp_path):
     for command in ([str(installed), "-m", "fw_trainer.glue.run"], [str(installed.parent / "fw-lora-glue")]):
-        result = subprocess.run([*command, "--help"], cwd=tmp_path, capture_output=True, text=True)
+        result = subprocess.run([*command, "--help"], cwd=tmp_path, env=OUTSIDE, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
         assert "--fw_lambda" in result.stdout and "Resuming" in result.stdout
 
