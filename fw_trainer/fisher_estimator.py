@@ -1,7 +1,6 @@
 """`FisherEstimator`: the per-matrix Fisher proxy `F_m` of the LoRA-adapted weights, measured by hooks in any training
 loop (`FWLoraTrainer`, plain PyTorch, `accelerate`)."""
 
-import weakref
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, Optional, Union
@@ -33,6 +32,36 @@ class _LossGradientProbe(torch.autograd.Function):
         return grad_output, None
 
 
+class _FisherTap(torch.autograd.Function):
+    """
+    Identity on an adapted layer's output `y`, put there while the estimator measures. Its backward returns, as the
+    gradient of the matrix's zero `probe`, `‖∇W‖_F` of the backpropagated objective: `‖Gᵀ X‖_F` (exact) or
+    `‖(X Z)ᵀ G‖_F` (sketch: `inputs` is `X Z`), computed in fp32 outside autocast from `G = ∂/∂y`. No side effect:
+    Dynamo traces it into the compiled model's graph, and autograd hands the value to the probe's `.grad`.
+    """
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, inputs: torch.Tensor, probe: torch.Tensor, sketched: bool) -> torch.Tensor:
+        ctx.sketched = sketched
+        ctx.save_for_backward(inputs)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (inputs,) = ctx.saved_tensors
+        # fp32 whatever the activations' dtype, and whether or not `backward()` was called under autocast.
+        grad = grad_output.reshape(-1, grad_output.shape[-1]).float()
+        with autocast_disabled(grad.device):
+            if ctx.sketched:
+                # E‖Gᵀ X z‖² = ‖Gᵀ X‖_F² for z ~ N(0, I); (X Z)ᵀ G (k × d_out) avoids transposing the large G.
+                product = torch.mm(inputs.t(), grad)
+            else:
+                # ∇W = Gᵀ X for y = X Wᵀ: one GEMM, the (d_out × d_in) result is dropped at once.
+                product = torch.mm(grad.t(), inputs.float())
+            norm = torch.linalg.vector_norm(product)
+        return grad_output, None, norm, None
+
+
 def resolve_estimator(estimator: str, device: torch.device) -> str:
     """
     The estimator `"auto"` stands for on `device`: the sketch on an accelerator, where a training step is bound by
@@ -48,9 +77,14 @@ def resolve_estimator(estimator: str, device: torch.device) -> str:
 class FisherEstimator:
     r"""
     Measures, for every frozen weight `W_m` that carries a LoRA adapter, the average over optimizer steps of
-    `‖∇_{W_m} L‖_F²` (or of `‖∇_{W_m} L‖_F`), without ever storing the gradient: a forward hook keeps the layer input
-    `X` (autograd keeps it for `lora_A` anyway) and a tensor hook on the layer output receives `G = ∂L/∂y`; then
-    `∇W = Gᵀ X`. Frozen weights stay frozen, out of the optimizer and out of DDP's buckets.
+    `‖∇_{W_m} L‖_F²` (or of `‖∇_{W_m} L‖_F`), without ever storing the gradient: while measuring, a forward hook puts
+    an identity autograd function on the layer output ([`_FisherTap`]) that keeps the layer input `X` (autograd keeps
+    it for `lora_A` anyway) and, in the backward pass, turns `G = ∂L/∂y` into `‖Gᵀ X‖_F`, the gradient of a zero probe
+    of the matrix. Frozen weights stay frozen, out of the optimizer and out of DDP's buckets.
+
+    The measurement has no side effect, so `torch.compile` traces it into the model's graph: a compiled model compiles
+    with the tap from its first step, and once more, without it, when [`stop`] is called (the hooks read a flag that
+    Dynamo guards). Nothing of it is left in the graph after the warm-up.
 
     Per optimizer step `t`, `g_{m,t}` is the mean over the step's micro-batches, on every process, of the statistic of
     that micro-batch's own loss (gradient-accumulation division and fp16 loss scale undone, non-finite micro-batches
@@ -91,6 +125,9 @@ class FisherEstimator:
             Seed of the sketch's own random generator (restarted by [`start`]), so that the training's random stream is
             untouched.
         adapter_name (`str`, *optional*, defaults to `"default"`): The LoRA adapter whose matrices are measured.
+        compile_backend (`str`, *optional*):
+            With a `torch.compile` backend, the arithmetic that folds each micro-batch and each step into the average
+            is compiled too (a compiled training step, where every kernel launch counts); eager by default.
     """
 
     def __init__(
@@ -103,6 +140,7 @@ class FisherEstimator:
         sketch_probes: int = default_of("fw_sketch_probes"),
         seed: int = 0,
         adapter_name: str = "default",
+        compile_backend: Optional[str] = None,
     ):
         # The options of `FWLoraArguments` without their `fw_` prefix: checked where they are defined.
         for name, value in (
@@ -135,17 +173,27 @@ class FisherEstimator:
         self._num_updates = torch.zeros((), **like)
         self._step_sum = torch.zeros(num_matrices, **like)
         self._step_count = torch.zeros((), **like)
-        # This micro-batch's `‖∇W_m‖_F` of the backpropagated (scaled) objective, each written in place by its hook:
-        # one kernel per matrix, and the statistic of all of them in one go in `fold_micro_batch`.
-        self._norms = torch.zeros(num_matrices, **like)
+        # One zero probe per matrix, whose `.grad` receives this micro-batch's `‖∇W_m‖_F` of the backpropagated
+        # (scaled) objective from the tap's backward: one GEMM and one norm per matrix, nothing else.
+        self._taps = [torch.zeros((), **like, requires_grad=True) for _ in range(num_matrices)]
+        self._zero = torch.zeros((), **like)
         self._loss_grad: Optional[torch.Tensor] = None  # set by `_LossGradientProbe` in the backward pass
         self._handles: list[Any] = []
-        self._eager_stance: Optional[Any] = None  # `torch.compiler.set_stance("force_eager")` while measuring
+        self._measuring = False  # read by the hooks, so that a compiled model recompiles without them at `stop`
+        # Sketch: this micro-batch's probes `Z` per input width, drawn between micro-batches (outside any compiled
+        # graph) from a generator of the estimator's own, in the order the matrices first use each width.
         self._generator: Optional[torch.Generator] = None
-        # Sketch: this micro-batch's probes per input width, and the last input sketched (query, key and value read
-        # the same tensor: it is sketched once).
-        self._probes: dict[int, torch.Tensor] = {}
-        self._last_sketch: Optional[tuple[weakref.ref, torch.Tensor]] = None
+        # The per-micro-batch and per-step arithmetic, about ten small operators each: compiled into one or two
+        # kernels beside a compiled model (`compile_backend`), eager otherwise.
+        self._fold, self._average = self._fold_norms, self._average_step
+        if compile_backend is not None:
+            self._fold = torch.compile(self._fold_norms, backend=compile_backend)
+            self._average = torch.compile(self._average_step, backend=compile_backend)
+        # One buffer for all widths, so that a draw is one kernel; each width's probes are a view of it.
+        widths = list(dict.fromkeys(matrix.d_in for matrix in self.matrices))
+        self._sketch_buffer = torch.empty(sum(widths) * sketch_probes, **like)
+        views = self._sketch_buffer.split([width * sketch_probes for width in widths])
+        self._sketch_probes = {width: view.view(width, sketch_probes) for width, view in zip(widths, views)}
 
     @classmethod
     def from_args(
@@ -154,6 +202,7 @@ class FisherEstimator:
         fw_args: FWLoraArguments,
         seed: int = 0,
         adapter_name: str = "default",
+        compile_backend: Optional[str] = None,
     ) -> "FisherEstimator":
         """The estimator that [`FWLoraArguments`] describe (`fw_statistic`, `fw_average`, `fw_ema_decay`,
         `fw_estimator`, `fw_sketch_probes`)."""
@@ -166,6 +215,7 @@ class FisherEstimator:
             sketch_probes=fw_args.fw_sketch_probes,
             seed=seed,
             adapter_name=adapter_name,
+            compile_backend=compile_backend,
         )
 
     # ----- public API -------------------------------------------------------------------------------------------
@@ -173,36 +223,31 @@ class FisherEstimator:
     @property
     def is_measuring(self) -> bool:
         """Whether the hooks are installed (between [`start`] and [`stop`])."""
-        return bool(self._handles)
+        return self._measuring
 
     def start(self) -> None:
-        """Installs the hooks: from now on every backward pass through the adapted layers is measured. Until [`stop`],
-        `torch.compile`d code runs eagerly (see below)."""
+        """Installs the hooks: from now on every backward pass through the adapted layers is measured, compiled or
+        not."""
         if self.is_measuring:
             return
-        self._generator = None  # the probes restart from `seed`
-        # `torch.compile` does not guard on module hooks: code compiled while they are installed would keep running
-        # them (or keep the graph split where they are) after `stop`. So compiled code runs eagerly while measuring,
-        # and compiles once, without hooks, afterwards (torch < 2.6, without stances: `stop` drops what was compiled).
-        set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
-        self._eager_stance = set_stance("force_eager") if set_stance is not None else None
+        if self.estimator == "sketch":
+            device = self.matrices[0].lora_A.device
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)  # the probes restart from `seed`
+            self._draw_sketch_probes()
+        self._measuring = True
         for index, matrix in enumerate(self.matrices):
             self._handles.append(matrix.layer.register_forward_hook(partial(self._forward_hook, index)))
 
     def stop(self) -> None:
-        """Removes the hooks (no cost afterwards) and drops any micro-batch not folded in yet."""
-        was_measuring = self.is_measuring
+        """Removes the hooks (no cost afterwards: a compiled model recompiles once, without them) and drops any
+        micro-batch not folded in yet."""
+        self._measuring = False
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self._eager_stance is not None:
-            self._eager_stance.__exit__(None, None, None)  # back to the stance before `start`
-            self._eager_stance = None
-        elif was_measuring:
-            torch.compiler.reset()  # older torch: drop what was compiled with the hooks, to recompile without them
-        self._norms.zero_()
+        for tap in self._taps:
+            tap.grad = None
         self._loss_grad = None
-        self._probes, self._last_sketch = {}, None
 
     def loss_to_backpropagate(self, loss: torch.Tensor) -> torch.Tensor:
         """
@@ -218,21 +263,36 @@ class FisherEstimator:
     def fold_micro_batch(self) -> None:
         """Adds the micro-batch just backpropagated to the step's sum, unless its statistic is not finite. Call it
         after every backward pass (every micro-batch, with gradient accumulation)."""
-        self._probes, self._last_sketch = {}, None  # the next micro-batch draws new probes
-        if self._loss_grad is None:  # no backward ran since the last fold
-            return
-        # The hooks saw the gradient of the backpropagated objective: divide the factor out before squaring (an fp16
+        if self._loss_grad is None:
+            if any(tap.grad is not None for tap in self._taps):
+                raise RuntimeError(
+                    "FisherEstimator saw a backward pass whose loss did not go through `loss_to_backpropagate`: call "
+                    "`estimator.loss_to_backpropagate(loss)` on the loss before `backward()` (FWLoraTrainer does it)."
+                )
+            return  # no backward ran since the last fold
+        # One vector of this micro-batch's `‖∇W_m‖_F` (a matrix no gradient reached counts zero); the probes are
+        # cleared for the next micro-batch, which draws new sketch probes.
+        norms = [tap.grad if tap.grad is not None else self._zero for tap in self._taps]
+        for tap in self._taps:
+            tap.grad = None
+        if self.estimator == "sketch":
+            self._draw_sketch_probes()
+        self._step_sum, self._step_count = self._fold(norms, self._loss_grad, self._step_sum, self._step_count)
+        self._loss_grad = None
+
+    def _fold_norms(
+        self, norms: list[torch.Tensor], loss_grad: torch.Tensor, step_sum: torch.Tensor, step_count: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's sum and count with one micro-batch's `‖∇W_m‖_F` (of the backpropagated objective) added."""
+        # The taps saw the gradient of the backpropagated objective: divide the factor out before squaring (an fp16
         # loss scale would overflow the square first). The sketch's `‖(X Z)ᵀ G‖²` is k times the estimate.
-        micro = (self._norms / self._loss_grad.abs()).square()
+        micro = (torch.stack(norms) / loss_grad.abs()).square()
         if self.estimator == "sketch":
             micro = micro / self.sketch_probes
         if self.statistic == "norm":
             micro = micro.sqrt()
         finite = torch.isfinite(micro).all()
-        self._step_sum += torch.where(finite, micro, torch.zeros_like(micro))
-        self._step_count += finite
-        self._norms.zero_()
-        self._loss_grad = None
+        return step_sum + torch.where(finite, micro, torch.zeros_like(micro)), step_count + finite
 
     @torch.no_grad()
     def end_step(self) -> None:
@@ -241,18 +301,22 @@ class FisherEstimator:
         totals = torch.cat([self._step_sum, self._step_count.reshape(1)])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(totals)
+        self._running, self._num_updates, self._step_sum, self._step_count = self._average(
+            totals, self._running, self._num_updates
+        )
+
+    def _average_step(
+        self, totals: torch.Tensor, running: torch.Tensor, num_updates: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """The average with the step's mean (`totals`: the sums, then the count) folded in, and a zero sum and count
+        for the next step."""
         step_sum, step_count = totals[:-1], totals[-1]
         step_mean = step_sum / step_count.clamp_min(1.0)
         if self.average == "ema":
-            self._running, self._num_updates = ema_update(
-                self._running, self._num_updates, step_mean, step_count > 0, self.ema_decay
-            )
+            running, num_updates = ema_update(running, num_updates, step_mean, step_count > 0, self.ema_decay)
         else:
-            self._running, self._num_updates = running_mean_update(
-                self._running, self._num_updates, step_mean, step_count > 0
-            )
-        self._step_sum.zero_()
-        self._step_count.zero_()
+            running, num_updates = running_mean_update(running, num_updates, step_mean, step_count > 0)
+        return running, num_updates, torch.zeros_like(step_sum), torch.zeros_like(step_count)
 
     @property
     def fisher(self) -> torch.Tensor:
@@ -278,59 +342,26 @@ class FisherEstimator:
 
     # ----- hooks ------------------------------------------------------------------------------------------------
 
-    def _forward_hook(self, index: int, module: nn.Module, args: tuple, output: Any) -> None:
-        # Under `no_grad` (evaluation, the first pass of reentrant gradient checkpointing) there is nothing to measure.
-        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
-            return
+    def _forward_hook(self, index: int, module: nn.Module, args: tuple, output: Any) -> Optional[torch.Tensor]:
+        # Under `no_grad` (evaluation, the first pass of reentrant gradient checkpointing) there is nothing to measure;
+        # `_measuring` false: `stop` was called (Dynamo guards on it, so compiled code recompiles without the tap).
+        if not (self._measuring and torch.is_grad_enabled() and isinstance(output, torch.Tensor)):
+            return None
+        if not output.requires_grad:
+            return None
+        x = args[0].detach()
+        x = x.reshape(-1, x.shape[-1])
         if self.estimator == "sketch":
-            # Only X Z (N × k) waits for the backward pass, not X.
-            inputs = self._sketch(args[0])
+            # Only X Z (N × k) waits for the backward pass, not X. This runs inside the model's autocast context,
+            # which would turn the product into bf16/fp16: it is switched off here.
+            with autocast_disabled(x.device):
+                inputs = torch.mm(x.float(), self._sketch_probes[x.shape[-1]])
         else:
-            inputs = args[0].detach().reshape(-1, args[0].shape[-1])
-        output.register_hook(partial(self._output_grad_hook, index, inputs))
+            inputs = x
+        return _FisherTap.apply(output, inputs, self._taps[index], self.estimator == "sketch")
 
     @torch.no_grad()
-    def _sketch(self, x: torch.Tensor) -> torch.Tensor:
-        """
-        `X Z` in fp32 for an adapted layer's input `X`. The probes `Z` are drawn once per micro-batch and input width,
-        and a tensor fed to several layers in a row (query, key, value) is sketched once: fewer kernels, and common
-        random numbers across matrices. Each matrix's estimate is still unbiased, with the same variance as with probes
-        of its own.
-
-        This runs in the forward hook, i.e. inside the model's autocast context, which would turn the product into
-        bf16/fp16 and later meet the fp32 output gradient: autocast is switched off here.
-        """
-        if self._last_sketch is not None and self._last_sketch[0]() is x:
-            return self._last_sketch[1]
-        width = x.shape[-1]
-        probes = self._probes.get(width)
-        if probes is None:
-            if self._generator is None or self._generator.device != x.device:
-                self._generator = torch.Generator(device=x.device).manual_seed(self.seed)
-            probes = torch.randn(
-                width, self.sketch_probes, device=x.device, dtype=torch.float32, generator=self._generator
-            )
-            self._probes[width] = probes
-        with autocast_disabled(x.device):
-            sketch = torch.mm(x.detach().reshape(-1, width).float(), probes)
-        self._last_sketch = (weakref.ref(x), sketch)
-        return sketch
-
-    @torch.no_grad()
-    def _output_grad_hook(self, index: int, inputs: torch.Tensor, output_grad: torch.Tensor) -> None:
-        if self._loss_grad is None:
-            raise RuntimeError(
-                "FisherEstimator saw a backward pass whose loss did not go through `loss_to_backpropagate`: call "
-                "`estimator.loss_to_backpropagate(loss)` on the loss before `backward()` (FWLoraTrainer does it)."
-            )
-        # fp32 whatever the activations' dtype, and whether or not `backward()` was called under autocast.
-        grad = output_grad.reshape(-1, output_grad.shape[-1]).float()
-        with autocast_disabled(grad.device):
-            if self.estimator == "sketch":
-                # E‖Gᵀ X z‖² = ‖Gᵀ X‖_F² for z ~ N(0, I); (X Z)ᵀ G (k × d_out) avoids transposing the large G.
-                product = torch.mm(inputs.t(), grad)
-            else:
-                # ∇W = Gᵀ X for y = X Wᵀ: one GEMM, the (d_out × d_in) result is dropped at once.
-                product = torch.mm(grad.t(), inputs.float())
-            # The norm goes straight into this matrix's slot: one reduction kernel, nothing else per matrix.
-            torch.linalg.vector_norm(product, out=self._norms[index])
+    def _draw_sketch_probes(self) -> None:
+        """New probes `Z` for the next micro-batch, one per input width, written in place (a compiled graph reads the
+        same tensors)."""
+        self._sketch_buffer.normal_(generator=self._generator)

@@ -132,13 +132,17 @@ class FisherWarmupCallback(TrainerCallback):
         self._logged = True
         return dict(zip((matrix.name for matrix in self.matrices), self.importances.tolist()))
 
-    def _setup(self, model: nn.Module, seed: int) -> None:
-        """A new estimator for `model`, from an empty estimate (a new model is a new run)."""
+    def _setup(self, model: nn.Module, args: TrainingArguments) -> None:
+        """A new estimator for `model`, from an empty estimate (a new model is a new run); its arithmetic compiled with
+        the model under `--torch_compile`."""
         if self.estimator is not None:
             self.estimator.stop()
         self.fisher = self.importances = self.frozen_at_step = self._penalty = None
         self._logged = False
-        self.estimator = FisherEstimator.from_args(model, self.fw_args, seed=seed, adapter_name=self.adapter_name)
+        backend = (args.torch_compile_backend or "inductor") if args.torch_compile else None
+        self.estimator = FisherEstimator.from_args(
+            model, self.fw_args, seed=args.seed, adapter_name=self.adapter_name, compile_backend=backend
+        )
 
     def loss_to_backpropagate(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to call `backward()` on: while measuring, `loss` routed through the estimator (see
@@ -237,7 +241,7 @@ class FisherWarmupCallback(TrainerCallback):
         model = kwargs["model"]
         # A Trainer with `model_init` (hyper-parameter search) brings a new model to every `train()` call.
         if self.estimator is None or not any(module is self.matrices[0].layer for module in model.modules()):
-            self._setup(model, args.seed)
+            self._setup(model, args)
         if self._state_to_restore is not None:
             self._apply_state(self._state_to_restore)
             self._state_to_restore = None

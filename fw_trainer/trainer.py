@@ -89,6 +89,7 @@ class FWLoraTrainer(Trainer):
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._penalty_lambda: Optional[torch.Tensor] = None  # λ on the adapters' device, made at the first penalty
         self._checked_checkpoint: Optional[str] = None  # the checkpoint `check_resume` accepted last
+        self._compiled_penalty: Optional[tuple[FisherWeightedPenalty, Any]] = None  # under --torch_compile
 
         self.fisher_callback: Optional[FisherWarmupCallback] = None
         self.adalora_callback: Optional[AdaLoraAllocationCallback] = None
@@ -215,11 +216,22 @@ class FWLoraTrainer(Trainer):
             # fp16: the task gradients carry the loss scale until the clipping unscales them; so must this one
             # (`GradScaler.scale` multiplies on the device: no host read).
             scale = scaler.scale(scale)
-        value = penalty.backward(scale)
+        value = self._penalty_backward(penalty)(scale)
         weighted = self._penalty_lambda * value
         self._metrics["fw_penalty"].append(value)
         self._metrics["fw_weighted_penalty"].append(weighted)
         return weighted
+
+    def _penalty_backward(self, penalty: FisherWeightedPenalty):
+        """`penalty.backward`, compiled (once per penalty: [`FisherWeightedPenalty.compiled_backward`]) with the
+        model's backend and mode under `--torch_compile`: a fixed small function whose eager form launches about fifteen
+        kernels per distinct shape, beside a compiled step that launches few."""
+        if not self.args.torch_compile:
+            return penalty.backward
+        if self._compiled_penalty is None or self._compiled_penalty[0] is not penalty:
+            backend = self.args.torch_compile_backend or "inductor"
+            self._compiled_penalty = (penalty, penalty.compiled_backward(backend, self.args.torch_compile_mode))
+        return self._compiled_penalty[1]
 
     def compute_loss(
         self,

@@ -25,6 +25,7 @@ from fw_trainer import (
     FWLoraTrainer,
     find_adapted_matrices,
 )
+from fw_trainer.fisher_estimator import _FisherTap
 
 
 def meta_model_and_batch(**fw_kwargs):
@@ -116,9 +117,11 @@ FOREIGN_DEFAULT_METHODS = {
         "state_dict",
         "load_state_dict",
         "_forward_hook",
-        "_sketch",
-        "_output_grad_hook",
+        "_draw_sketch_probes",
+        "_fold_norms",
+        "_average_step",
     ),
+    _FisherTap: ("forward", "backward"),
     FisherWarmupCallback: (
         "penalty_weights",
         "penalty",

@@ -13,6 +13,7 @@ from torch.utils.data import SequentialSampler
 from transformers import TrainerCallback
 
 from fw_trainer import FisherEstimator, FisherWarmupCallback, FWLoraArguments, FWLoraTrainer, find_adapted_matrices
+from fw_trainer.fisher_estimator import _FisherTap
 from fw_trainer.state_files import IMPORTANCE_FILE
 
 
@@ -201,13 +202,14 @@ def test_after_warmup_no_hook_fires_and_frozen_weights_stay_frozen(tmp_path, mon
     lora_before = [matrix.lora_A.detach().clone() for matrix in matrices]
 
     steps_at_hook_calls = []
-    original_hook = FisherEstimator._output_grad_hook
+    original_backward = _FisherTap.backward
 
-    def spying_hook(self, *args):
+    def spying_backward(ctx, *grads):
         steps_at_hook_calls.append(trainer.state.global_step)
-        return original_hook(self, *args)
+        return original_backward(ctx, *grads)
 
-    monkeypatch.setattr(FisherEstimator, "_output_grad_hook", spying_hook)
+    # The measurement of one matrix in the backward pass.
+    monkeypatch.setattr(_FisherTap, "backward", staticmethod(spying_backward))
     spy = _GradientSpy([matrix.base_weight for matrix in matrices])
     trainer = SequentialFWLoraTrainer(
         model=model, args=training_args(tmp_path, max_steps=6), train_dataset=dataset, fw_args=fw_args, callbacks=[spy]

@@ -83,13 +83,14 @@ def test_fw_lora_step_after_the_warmup_is_a_lora_step_plus_a_fixed_penalty(tmp_p
 @pytest.mark.parametrize(
     "estimator, per_layer",
     [
-        # Per adapted matrix, in the backward pass: `Gᵀ X` and its norm, written into the matrix's slot.
+        # Per adapted matrix, in the backward pass: `Gᵀ X` and its norm, the gradient of the matrix's probe.
         ("exact", {"aten::mm": 6, "aten::linalg_vector_norm": 6}),
-        # The same on `(X Z)ᵀ G`, plus `X Z` once per distinct input in the forward pass (q, k, v share theirs): 4.
-        ("sketch", {"aten::mm": 6 + 4, "aten::linalg_vector_norm": 6}),
+        # The same on `(X Z)ᵀ G`, plus `X Z` per matrix in the forward pass: three kernels per matrix. (q, k and v
+        # read the same input: eagerly their `X Z` is computed three times; a compiled graph computes it once.)
+        ("sketch", {"aten::mm": 6 + 6, "aten::linalg_vector_norm": 6}),
     ],
 )
-def test_warmup_adds_two_kernels_per_adapted_matrix(tmp_path, estimator, per_layer):
+def test_warmup_adds_two_or_three_kernels_per_adapted_matrix(tmp_path, estimator, per_layer):
     extra = {}
     for layers in (1, 2):
         lora = step_ops(tmp_path, "lora", layers)

@@ -71,7 +71,7 @@ def test_one_sketch_reproduced_by_hand():
     estimator.start()
     model.train()
     loss = model(**batch).loss
-    assert sorted(estimator._probes) == [32, 48]  # two draws for 12 matrices
+    assert sorted(estimator._sketch_probes) == [32, 48]  # probes of two widths for 12 matrices
     estimator.loss_to_backpropagate(loss).backward()
     estimator.fold_micro_batch()
     estimator.end_step()
