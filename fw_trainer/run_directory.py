@@ -192,7 +192,13 @@ class OutputDirectoryLock:
         self._held = False
 
     def __enter__(self) -> "OutputDirectoryLock":
-        os.makedirs(self.output_dir, exist_ok=True)
+        try:
+            os.makedirs(self.output_dir, exist_ok=True)
+        except OSError as error:  # e.g. below /proc, or a read-only file system, even for root
+            raise UsageError(
+                f"The output directory {self.output_dir} cannot be created ({error.strerror}). Choose another "
+                "--output_dir."
+            ) from error
         holder = self._me()
         for _ in range(3):  # a stale lock is removed, then taken again, atomically
             try:

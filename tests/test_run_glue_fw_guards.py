@@ -167,6 +167,14 @@ FILE_FAULTS = {
         "or leave --tokenizer_name out to use the model's own",
     ),
     "output_dir_is_a_file": (lambda d: ["--output_dir", write(d / "taken", "a file")], "taken is a file"),
+    "output_dir_that_cannot_be_created": (
+        lambda d: ["--output_dir", "/proc/fw-lora-run"],
+        "The output directory /proc/fw-lora-run cannot be created",
+    ),
+    "yaml_list_for_a_single_value": (
+        lambda d: [write(d / "listed.yaml", "task_name: sst2\nlora_r: [1, 2]\n")],
+        "Unknown arguments: 2. See `python run_glue_fw.py --help`. In ",
+    ),
 }
 
 

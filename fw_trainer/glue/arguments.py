@@ -313,7 +313,8 @@ def parse_args(
     except ValueError as error:
         raise UsageError(str(error)) from error
     if remaining:
-        raise UsageError(f"Unknown arguments: {' '.join(remaining)}. See `python run_glue_fw.py --help`.")
+        hint = f" In {config}, only options that take several values take a list." if config is not None else ""
+        raise UsageError(f"Unknown arguments: {' '.join(remaining)}. See `python run_glue_fw.py --help`.{hint}")
     model_args, data_args, fw_args, script_args, training_args = parsed
     script_args.config = config
     if not given & {"do_train", "do_eval", "do_predict"}:
