@@ -102,13 +102,13 @@ def dataset():
 
 @pytest.fixture(autouse=True)
 def no_estimator_left_measuring():
-    """A test must not leave compiled code forced to run eagerly (an estimator started and never stopped): the next
-    test's `torch.compile` would silently compile nothing."""
+    """A test must not leave the compiler's stance forced (e.g. to `force_eager`): the next test's `torch.compile`
+    would silently compile nothing."""
     yield
     stance = torch._dynamo.eval_frame._stance.stance
     if stance != "default":
         torch.compiler.set_stance("default")
-        pytest.fail(f"The test left the compiler stance at {stance!r}: stop every FisherEstimator it starts.")
+        pytest.fail(f"The test left the compiler stance at {stance!r}.")
 
 
 def load_script(path) -> types.ModuleType:

@@ -8,7 +8,7 @@ from conftest import TokenDataset, tiny_roberta, training_args
 from transformers import TrainerCallback
 
 from fw_trainer import FisherWeightedPenalty, FWLoraArguments, FWLoraTrainer, build_peft_model, find_adapted_matrices
-from fw_trainer.measurement import count_launched_operators, launched_operators
+from fw_trainer.measurement import count_kernels, count_launched_operators, launched_operators
 
 
 class ProfileStep(TrainerCallback):
@@ -98,3 +98,45 @@ def test_warmup_adds_two_or_three_kernels_per_adapted_matrix(tmp_path, estimator
         extra[layers] = warmup - lora
     assert dict(extra[2] - extra[1]) == per_layer  # what one more layer of 6 adapted matrices adds
     assert sum(extra[1].values()) - sum(per_layer.values()) <= 16  # and a fixed cost per step (fold, average, probes)
+
+
+class ProfileKernels(ProfileStep):
+    """Profiles step `step` and counts its kernels as the benchmark does: launched operators plus inductor's C++
+    kernels ([`count_kernels`])."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._profile is not None and state.global_step == self.step:
+            self._profile.__exit__(None, None, None)
+            self.counts = count_kernels(self._profile, "cpu")
+            self._profile = None
+
+
+def fast_step_kernels(tmp_path, method: str, **fw_kwargs) -> int:
+    """Kernels of step 3 of a run compiled with inductor (the fast path), after two steps that compile."""
+    torch.compiler.reset()
+    model = build_peft_model(tiny_roberta(), FWLoraArguments(method=method, **fw_kwargs))[0]
+    model.config.problem_type = "single_label_classification"  # else set at the first step: one recompile more
+    profiler = ProfileKernels(3)
+    args = training_args(tmp_path / f"{method}-{len(fw_kwargs)}", max_steps=3, logging_steps=100, torch_compile=True)
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
+        FWLoraTrainer(
+            model=model,
+            args=args,
+            train_dataset=TokenDataset(size=32),
+            fw_args=FWLoraArguments(method=method, **fw_kwargs),
+            callbacks=[profiler],
+        ).train()
+    return profiler.counts
+
+
+def test_on_the_fast_path_fw_lora_costs_what_lora_costs(tmp_path):
+    """Compiled with inductor: the warm-up (its measurement traced into the graph) adds at most three kernels per
+    adapted matrix, and a penalised step at most 3 % over LoRA's (the compiled penalty is a kernel or two). Failed
+    before: the warm-up ran eagerly (~1.7x LoRA's kernels), and the penalty's ~45 eager operators ran beside the graph."""
+    matrices = 12  # two layers of six roles
+    lora = fast_step_kernels(tmp_path, "lora")
+    for estimator in ("exact", "sketch"):
+        warmup = fast_step_kernels(tmp_path, "fw_lora", fw_warmup_steps=100, fw_estimator=estimator)
+        assert warmup <= lora + 3 * matrices, (estimator, warmup, lora)
+    penalised = fast_step_kernels(tmp_path, "fw_lora", fw_warmup_steps=1, fw_lambda=0.1)
+    assert penalised <= 1.03 * lora, (penalised, lora)
