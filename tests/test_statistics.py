@@ -1,10 +1,10 @@
-"""The study statistics against values computed by hand (t quantiles and binomial sums from tables)."""
+"""The study statistics against values computed by hand (t quantiles and binomial sums from tables, Holm's steps)."""
 
 import math
 
 import pytest
 
-from fw_trainer.study.statistics import mcnemar, paired_tests, summarize
+from fw_trainer.study.statistics import holm_bonferroni, mcnemar, paired_tests, summarize
 
 
 def test_summary_mean_std_and_t_interval():
@@ -66,3 +66,32 @@ def test_mcnemar_exact_binomial_by_hand():
     # P = 2 · P(X ≤ 2), X ~ Binomial(10, 1/2) = 2 · (1 + 10 + 45) / 1024
     assert result["pvalue"] == pytest.approx(2 * 56 / 1024)
     assert mcnemar([1, 0, 1], [1, 0, 1])["pvalue"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "pvalues, expected",
+    [
+        # Sorted: 0.005 × 4 = 0.02, 0.01 × 3 = 0.03, 0.03 × 2 = 0.06, 0.04 × 1 = 0.04 → max(0.06, 0.04) = 0.06.
+        ([0.01, 0.04, 0.03, 0.005], [0.03, 0.06, 0.06, 0.02]),
+        # Ties: 0.02 × 3 = 0.06, then 0.02 × 2 = 0.04 → 0.06; 0.5 × 1 = 0.5.
+        ([0.02, 0.5, 0.02], [0.06, 0.5, 0.06]),
+        # Capped at 1: 0.3 × 3 = 0.9, 0.4 × 2 = 0.8 → 0.9, 0.9 × 1 = 0.9.
+        ([0.9, 0.3, 0.4], [0.9, 0.9, 0.9]),
+        ([0.6, 0.7], [1.0, 1.0]),
+        ([0.03], [0.03]),
+        # An undefined test is left out of the family: two tests, so 0.01 × 2 and 0.04 × 1 → 0.04.
+        ([0.04, None, 0.01], [0.04, None, 0.02]),
+        ([None, None], [None, None]),
+        ([], []),
+    ],
+)
+def test_holm_bonferroni_by_hand(pvalues, expected):
+    adjusted = holm_bonferroni(pvalues)
+    assert [a is None for a in adjusted] == [e is None for e in expected]
+    assert [a for a in adjusted if a is not None] == pytest.approx([e for e in expected if e is not None])
+
+
+@pytest.mark.parametrize("pvalue", [-0.1, 1.5, float("nan")])
+def test_holm_bonferroni_rejects_what_is_not_a_p_value(pvalue):
+    with pytest.raises(ValueError, match="p-value 1 is"):
+        holm_bonferroni([0.01, pvalue])

@@ -1,10 +1,12 @@
 """
 The statistics of a study, from scipy: mean ± std with a t confidence interval over seeds, paired tests across seeds
-(t-test, Wilcoxon signed-rank) and McNemar's exact test on two runs' dev predictions.
+(t-test, Wilcoxon signed-rank), McNemar's exact test on two runs' dev predictions, and Holm–Bonferroni adjusted
+p-values for a family of such tests.
 """
 
 import math
 from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 from scipy import stats
@@ -86,3 +88,31 @@ def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
     b_only = int(np.sum(~correct_a & correct_b))
     pvalue = 1.0 if a_only + b_only == 0 else float(stats.binomtest(a_only, a_only + b_only, 0.5).pvalue)
     return {"n": len(correct_a), "a_only_correct": a_only, "b_only_correct": b_only, "pvalue": pvalue}
+
+
+def holm_bonferroni(pvalues: Sequence[Optional[float]]) -> list[Optional[float]]:
+    """
+    Holm–Bonferroni adjusted p-values: the step-down correction that controls the family-wise error rate.
+
+    The `m` p-values of the family are sorted; the `k`-th smallest (from 0) is multiplied by `m - k`, capped at 1 and
+    raised to the largest adjusted value before it, so that the adjusted p-values keep the order of the raw ones.
+    Rejecting where the adjusted p-value is at most α is Holm's procedure at level α.
+
+    Args:
+        pvalues: One p-value per test. `None` marks a test that is undefined (see [`paired_tests`]): it is not part
+            of the family, so it does not raise the others' multipliers.
+
+    Returns:
+        `list[Optional[float]]`: The adjusted p-values in the input order, `None` where the input is `None`.
+    """
+    family = [(p, i) for i, p in enumerate(pvalues) if p is not None]
+    for p, i in family:
+        if not 0.0 <= p <= 1.0:  # also rejects NaN
+            raise ValueError(f"A p-value must lie in [0, 1], but p-value {i} is {p}.")
+    adjusted: list[Optional[float]] = [None] * len(pvalues)
+    running_max = 0.0
+    # Ties keep their input order; with the running maximum they get the same adjusted value whatever the order.
+    for k, (p, i) in enumerate(sorted(family)):
+        running_max = max(running_max, min(1.0, (len(family) - k) * p))
+        adjusted[i] = running_max
+    return adjusted
