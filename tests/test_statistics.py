@@ -2,9 +2,10 @@
 
 import math
 
+import numpy as np
 import pytest
 
-from fw_trainer.study.statistics import holm_bonferroni, mcnemar, paired_tests, summarize
+from fw_trainer.study.statistics import bootstrap_mean_ci, holm_bonferroni, mcnemar, paired_tests, summarize
 
 
 def test_summary_mean_std_and_t_interval():
@@ -66,6 +67,36 @@ def test_mcnemar_exact_binomial_by_hand():
     # P = 2 · P(X ≤ 2), X ~ Binomial(10, 1/2) = 2 · (1 + 10 + 45) / 1024
     assert result["pvalue"] == pytest.approx(2 * 56 / 1024)
     assert mcnemar([1, 0, 1], [1, 0, 1])["pvalue"] == 1.0
+
+
+def test_bootstrap_against_a_hand_loop_with_the_same_generator():
+    differences = [0.012, -0.004, 0.021, 0.008, 0.015]
+    result = bootstrap_mean_ci(differences, confidence=0.9, resamples=2000, seed=7)
+    # The same draws, one resample at a time, and the quantiles by sorting and interpolating between neighbours.
+    rng = np.random.default_rng(7)
+    means = sorted(sum(differences[i] for i in rng.integers(0, 5, size=5)) / 5 for _ in range(2000))
+
+    def quantile(q):
+        position = q * (len(means) - 1)
+        below = math.floor(position)
+        return means[below] + (position - below) * (means[below + 1] - means[below])
+
+    assert result["n"] == 5 and result["resamples"] == 2000
+    assert result["mean"] == pytest.approx(sum(differences) / 5)
+    assert result["ci_low"] == pytest.approx(quantile(0.05), abs=1e-12)
+    assert result["ci_high"] == pytest.approx(quantile(0.95), abs=1e-12)
+    assert result["ci_low"] < result["mean"] < result["ci_high"]
+    assert bootstrap_mean_ci(differences, confidence=0.9, resamples=2000, seed=7) == result
+    assert bootstrap_mean_ci(differences, confidence=0.9, resamples=2000, seed=8) != result
+
+
+def test_bootstrap_of_equal_differences_has_zero_width_and_of_one_none():
+    result = bootstrap_mean_ci([0.01] * 5)
+    assert result["ci_low"] == pytest.approx(0.01) and result["ci_high"] == pytest.approx(0.01)
+    assert bootstrap_mean_ci([0.02]) == {"n": 1, "mean": 0.02, "ci_low": None, "ci_high": None, "resamples": 10_000}
+    assert bootstrap_mean_ci([])["mean"] is None
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_mean_ci([0.1, 0.2], confidence=95)
 
 
 @pytest.mark.parametrize(
