@@ -4,8 +4,16 @@ import math
 
 import numpy as np
 import pytest
+from scipy import integrate, stats
 
-from fw_trainer.study.statistics import bootstrap_mean_ci, holm_bonferroni, mcnemar, paired_tests, summarize
+from fw_trainer.study.statistics import (
+    bootstrap_mean_ci,
+    holm_bonferroni,
+    mcnemar,
+    minimum_detectable_difference,
+    paired_tests,
+    summarize,
+)
 
 
 def test_summary_mean_std_and_t_interval():
@@ -97,6 +105,39 @@ def test_bootstrap_of_equal_differences_has_zero_width_and_of_one_none():
     assert bootstrap_mean_ci([])["mean"] is None
     with pytest.raises(ValueError, match="confidence"):
         bootstrap_mean_ci([0.1, 0.2], confidence=95)
+
+
+def test_minimum_detectable_difference_has_the_power_asked_for():
+    differences = [0.012, -0.004, 0.021, 0.008, 0.015]
+    n, s = 5, float(np.std(differences, ddof=1))
+    delta = minimum_detectable_difference(differences)
+    critical = 2.776445  # t_{0.975, 4}, from a table
+    # The power written out without the noncentral t: T = (Z + λ) / √(V / 4), V ~ χ²₄, so
+    # P(|T| > c) = ∫ P(|Z + λ| > c √(v / 4)) f_χ²₄(v) dv.
+    noncentrality = delta * math.sqrt(n) / s
+
+    def rejection(v):
+        bound = critical * math.sqrt(v / 4)
+        return (stats.norm.sf(bound - noncentrality) + stats.norm.cdf(-bound - noncentrality)) * stats.chi2.pdf(v, 4)
+
+    assert integrate.quad(rejection, 0, np.inf)[0] == pytest.approx(0.8, abs=1e-5)
+    # And by simulation: seeds whose differences have mean δ and standard deviation s, tested 20,000 times.
+    samples = np.random.default_rng(0).normal(delta, s, size=(20_000, n))
+    t = samples.mean(axis=1) / (samples.std(axis=1, ddof=1) / math.sqrt(n))
+    assert np.mean(np.abs(t) > critical) == pytest.approx(0.8, abs=0.01)
+    # The normal approximation (z_{0.975} + z_{0.8}) s / √n undershoots with five seeds, and not by much with 200.
+    normal = (1.959964 + 0.841621) * s / math.sqrt(n)
+    assert normal < delta < 1.5 * normal
+    many = np.tile(differences, 40)
+    normal_many = (1.959964 + 0.841621) * float(np.std(many, ddof=1)) / math.sqrt(200)
+    assert normal_many < minimum_detectable_difference(many) < 1.01 * normal_many
+
+
+def test_minimum_detectable_difference_is_undefined_without_spread():
+    assert minimum_detectable_difference([0.01]) is None
+    assert minimum_detectable_difference([0.1 - 0.09, 0.2 - 0.19, 0.3 - 0.29]) is None  # equal up to rounding
+    with pytest.raises(ValueError, match="power"):
+        minimum_detectable_difference([0.01, 0.02], alpha=0.05, power=0.01)
 
 
 @pytest.mark.parametrize(
