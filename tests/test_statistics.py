@@ -12,6 +12,7 @@ from fw_trainer.study.statistics import (
     mcnemar,
     minimum_detectable_difference,
     paired_tests,
+    spearman,
     summarize,
 )
 
@@ -167,3 +168,22 @@ def test_holm_bonferroni_by_hand(pvalues, expected):
 def test_holm_bonferroni_rejects_what_is_not_a_p_value(pvalue):
     with pytest.raises(ValueError, match="p-value 1 is"):
         holm_bonferroni([0.01, pvalue])
+
+
+def test_spearman_by_hand():
+    # Ranks 1..5 against 2, 1, 4, 3, 5: Σd² = 4, ρ = 1 − 6 · 4 / (5 · (25 − 1)) = 0.8.
+    assert spearman([0.1, 0.2, 0.3, 0.4, 0.5], [2.0, 1.0, 4.0, 3.0, 5.0]) == pytest.approx(0.8)
+    # A tie takes the average rank, and ρ is Pearson's r of the ranks: x ranks 1, 2.5, 2.5, 4 and y ranks 1, 3, 2, 4
+    # deviate from 2.5 by (−1.5, 0, 0, 1.5) and (−1.5, 0.5, −0.5, 1.5): r = 4.5 / √(4.5 · 5) = √0.9.
+    assert spearman([10, 20, 20, 40], [1, 3, 2, 4]) == pytest.approx(math.sqrt(0.9))
+    assert spearman([3, 2, 1], [1, 5, 9]) == pytest.approx(-1.0)
+
+
+def test_spearman_undefined_and_invalid():
+    assert spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None
+    assert spearman([1.0, 2.0, 3.0], [4.0, 4.0, 4.0]) is None
+    assert spearman([1.0], [2.0]) is None
+    with pytest.raises(ValueError, match="as many values"):
+        spearman([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="finite"):
+        spearman([1, 2, float("inf")], [1, 2, 3])

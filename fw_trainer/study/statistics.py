@@ -1,8 +1,8 @@
 """
 The statistics of a study, from scipy: mean ± std with a t confidence interval over seeds, paired tests across seeds
 (t-test, Wilcoxon signed-rank), McNemar's exact test on two runs' dev predictions, Holm–Bonferroni adjusted
-p-values for a family of such tests, a percentile bootstrap interval of the mean paired difference, and the smallest
-difference the paired t-test detects with a given power (from the noncentral t).
+p-values for a family of such tests, a percentile bootstrap interval of the mean paired difference, the smallest
+difference the paired t-test detects with a given power (from the noncentral t), and Spearman's rank correlation.
 """
 
 import math
@@ -203,3 +203,25 @@ def holm_bonferroni(pvalues: Sequence[Optional[float]]) -> list[Optional[float]]
         running_max = max(running_max, min(1.0, (len(family) - k) * p))
         adjusted[i] = running_max
     return adjusted
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
+    """
+    Spearman's rank correlation (`scipy.stats.spearmanr`, average ranks for ties), e.g. across adapted matrices
+    between the importances `I_m` and `‖ΔW_m‖` of an FW-LoRA run divided by `‖ΔW_m‖` of the LoRA run with the same
+    seed: did the weights move capacity to the matrices they favour?
+
+    Returns:
+        `Optional[float]`: The correlation in [-1, 1]; `None` where it is undefined (fewer than two pairs, or either
+        side constant).
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"Spearman's correlation needs as many values on each side, got {len(x)} and {len(y)}.")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        # scipy would answer NaN, which reads as "undefined" rather than as the broken input it is.
+        raise ValueError("Spearman's correlation needs finite values, but the input holds NaN or infinity.")
+    # Exactly constant, not up to rounding: distinct values have distinct ranks however close they are.
+    if len(x) < 2 or np.all(x == x[0]) or np.all(y == y[0]):
+        return None
+    return float(stats.spearmanr(x, y).statistic)
