@@ -58,6 +58,7 @@ DOMAINS = {
     "fw_sketch_probes": Domain("a positive integer", 1, integer=True),
     "fw_ema_decay": Domain("in (0, 1)", 0, 1, low_open=True, high_open=True),
     "fw_power": Domain("greater than or equal to 0", 0),
+    "fw_shuffle_seed": Domain("an integer in [0, 2**63)", 0, 2**63, high_open=True, integer=True),
 }
 
 
@@ -125,7 +126,13 @@ class FWLoraArguments:
         fw_ema_decay (`float`, *optional*, defaults to `0.98`):
             Decay α of the exponential moving average.
         fw_power (`float`, *optional*, defaults to `1.0`):
-            Exponent β of the penalty weights `(1 − I_m)^β`; β = 1 is FW-LoRA's form.
+            Exponent β of the penalty weights `(1 − I_m)^β`; β = 1 is FW-LoRA's form, β = 0 gives every matrix weight 1
+            (the same penalty with uniform weights: a control).
+        fw_shuffle_seed (`int`, *optional*):
+            A control: the frozen importances are permuted across the adapted matrices with this seed before the
+            weights are computed, so that the penalty has FW-LoRA's distribution of weights, assigned at random. Works
+            with either normalisation; recorded in `fw_importance.json` (whose `importance` entries are then the
+            permuted ones, `fisher` the measured ones).
         fw_normalization (`str`, *optional*, defaults to `"sum"`):
             `"sum"`: `I = F / ΣF` (the paper's); `"max"`: `I = F / max F`, which spreads the weights over [0, 1].
         fw_penalty (`str`, *optional*, defaults to `"delta"`):
@@ -198,7 +205,19 @@ class FWLoraArguments:
     )
     fw_sketch_probes: int = field(default=8, metadata={"help": "Random probes k of the sketched estimator."})
     fw_ema_decay: float = field(default=0.98, metadata={"help": "Decay of the moving average."})
-    fw_power: float = field(default=1.0, metadata={"help": "Exponent beta of the penalty weights (1 - I)^beta."})
+    fw_power: float = field(
+        default=1.0,
+        metadata={
+            "help": "Exponent beta of the penalty weights (1 - I)^beta; 0 gives every matrix weight 1 (uniform)."
+        },
+    )
+    fw_shuffle_seed: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "A control: permute the frozen importances across matrices with this seed before the weights are "
+            "computed (the same weights, assigned at random). Default: no permutation."
+        },
+    )
     fw_normalization: str = field(
         default="sum",
         metadata={

@@ -15,7 +15,7 @@ from .adapted_matrices import AdaptedMatrix, find_adapted_matrices
 from .arguments import FWLoraArguments
 from .errors import CheckpointError, RunMismatchError, WarmupDivergedError
 from .fisher_estimator import FisherEstimator
-from .importance import normalize_importances, penalty_weights
+from .importance import normalize_importances, penalty_weights, shuffled
 from .importance_file import IMPORTANCE_SCHEMA, format_importance_table, state_problem
 from .penalty import FisherWeightedPenalty
 from .state_files import (
@@ -29,7 +29,15 @@ logger = logging.getLogger(__name__)
 
 # The `FWLoraArguments` that define the measured statistics and the weights, recorded in `fw_importance.json` under
 # their names without the `fw_` prefix and compared on resume (not the estimator, which may be chosen by device).
-MEASUREMENT_OPTIONS = ("fw_warmup_steps", "fw_ema_decay", "fw_normalization", "fw_statistic", "fw_average", "fw_power")
+MEASUREMENT_OPTIONS = (
+    "fw_warmup_steps",
+    "fw_ema_decay",
+    "fw_normalization",
+    "fw_statistic",
+    "fw_average",
+    "fw_power",
+    "fw_shuffle_seed",
+)
 
 
 class FisherWarmupCallback(TrainerCallback):
@@ -228,6 +236,8 @@ class FisherWarmupCallback(TrainerCallback):
             )
         self.fisher = self.estimator.fisher
         self.importances = normalize_importances(self.fisher, self.fw_args.fw_normalization).to(self.fisher.device)
+        if self.fw_args.fw_shuffle_seed is not None:
+            self.importances = shuffled(self.importances, self.fw_args.fw_shuffle_seed)
         self.frozen_at_step = state.global_step
         if state.is_world_process_zero:
             logger.info("FW-LoRA importances frozen at step %d:\n%s", state.global_step, self.format_table())

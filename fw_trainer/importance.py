@@ -83,3 +83,10 @@ def penalty_weights(importances: torch.Tensor, power: float = default_of("fw_pow
     """The penalty weights `(1 − I_m)^β` of the importances `I`; β = 1 is FW-LoRA's form, β = 0 a uniform penalty."""
     check_option("fw_power", power, argument="power")
     return (1.0 - importances).pow(power)
+
+
+def shuffled(importances: torch.Tensor, seed: int) -> torch.Tensor:
+    """The importances permuted across matrices by a generator seeded with `seed` (on the CPU, so that the permutation
+    is the same on every device): the shuffled control, the same values assigned at random."""
+    permutation = torch.randperm(importances.numel(), generator=torch.Generator().manual_seed(seed))
+    return importances[permutation.to(importances.device)]

@@ -25,6 +25,7 @@ IMPORTANCE_SCHEMA = {
     "statistic": str,
     "average": str,
     "power": NON_NEGATIVE,
+    "shuffle_seed": nullable(int),
     "estimator": str,
     "num_updates": STEP_COUNT,
     "modules": MappingOf(_MODULE_SCHEMA, "their statistics"),
