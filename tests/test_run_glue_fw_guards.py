@@ -158,6 +158,10 @@ FILE_FAULTS = {
         lambda d: ["--model_name_or_path", write_adapter(d)],
         "holds a LoRA adapter, not a model: pass its base model, --model_name_or_path base/model",
     ),
+    "a_model_path_that_does_not_exist": (
+        lambda d: ["--model_name_or_path", d / "no-such-model"],
+        "no-such-model does not exist. Pass a saved model's directory or a model id of the Hub",
+    ),
     "a_directory_without_a_model": (
         lambda d: ["--model_name_or_path", make_dir(d / "empty")],
         "is a directory without a model (no config.json)",

@@ -108,6 +108,12 @@ def load_pretrained(
 
 def _check_model_directory(argument: str, path: str) -> None:
     """A local directory given as a model must hold one (`config.json`); an adapter directory names its base model."""
+    if not os.path.exists(path) and (os.path.isabs(path) or path.startswith((".", "~"))):
+        # A path, not a Hub id: the Hub's own message ("Repo id must be in the form ...") would mislead.
+        raise UsageError(
+            f"{argument} {path} does not exist. Pass a saved model's directory or a model id of the Hub, or leave "
+            "--model_name_or_path out to use the embedded all-MiniLM-L6-v2."
+        )
     if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
         return
     adapter_config = os.path.join(path, "adapter_config.json")
