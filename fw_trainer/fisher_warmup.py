@@ -359,9 +359,9 @@ class FisherWarmupCallback(TrainerCallback):
         names = [matrix.name for matrix in find_adapted_matrices(model, self.adapter_name)]
         state = read_state_file(path, IMPORTANCE_SCHEMA, lambda state: state_problem(state, names))
         differences = [
-            (f"fw_{name}", state[name], value)
+            (f"fw_{name}", state.get(name), value)
             for name, value in self._measurement_options().items()
-            if state[name] != value
+            if state.get(name) != value
         ]
         if differences:
             raise RunMismatchError(checkpoint_dir, differences)

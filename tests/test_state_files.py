@@ -6,7 +6,15 @@ import os
 
 import pytest
 
-from fw_trainer.state_files import NON_NEGATIVE, STEP_COUNT, MappingOf, nullable, schema_problem, write_json_atomic
+from fw_trainer.state_files import (
+    NON_NEGATIVE,
+    STEP_COUNT,
+    Added,
+    MappingOf,
+    nullable,
+    schema_problem,
+    write_json_atomic,
+)
 
 
 def test_write_json_atomic_replaces_the_whole_file(tmp_path):
@@ -74,3 +82,11 @@ def test_a_missing_key_is_named():
     state = dict(VALID)
     del state["step"]
     assert schema_problem(state, SCHEMA) == "it has no step"
+
+
+def test_a_key_added_later_may_be_absent_but_is_checked_when_present():
+    schema = {"a": int, "b": Added(nullable(int))}
+    assert schema_problem({"a": 1}, schema) is None
+    assert schema_problem({"a": 1, "b": None}, schema) is None
+    assert schema_problem({"a": 1, "b": "x"}, schema) == "`b` is 'x', not null or int"
+    assert schema_problem({"b": 1}, schema) == "it has no a"
