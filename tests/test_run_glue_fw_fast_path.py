@@ -37,8 +37,8 @@ def test_fw_lora_compiled_end_to_end(tiny_model_dir, glue_dir, tmp_path):  # noq
     logs = [log for log in read_json(out / "trainer_state.json")["log_history"] if "loss" in log]
     assert [log["step"] for log in logs] == [4, 8, 12]
     assert all(log["compile/graph_breaks"] == 0 for log in logs)
-    assert logs[0]["compile/graphs"] == 0  # the warm-up (K = 4) runs eagerly
-    assert logs[-1]["compile/graphs"] >= 1 and "fw_penalty" in logs[-1]
+    assert logs[0]["compile/graphs"] >= 1  # the warm-up (K = 4) is compiled, its measurement in the graph
+    assert logs[-1]["compile/graphs"] > logs[0]["compile/graphs"] and "fw_penalty" in logs[-1]  # LoRA's graph after
     assert read_json(out / "all_results.json")["eval_accuracy"] >= 0
 
 
