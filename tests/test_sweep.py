@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import yaml
 from test_run_glue_fw import glue_dir, tiny_model_dir  # noqa: F401  (module-scoped fixtures)
 
 from fw_trainer.study import slots
+from fw_trainer.study.code_revision import code_revision
 from fw_trainer.study.config import StudyConfig, StudyConfigError
 from fw_trainer.study.slots import SlotLayout, query_gpu_memory
 from fw_trainer.study.sweep import log_path, main, run_command
@@ -164,6 +166,32 @@ def test_killed_sweep_resumes_without_recomputing(tmp_path, tiny_model_dir, glue
         assert f.read().count("=====") == 2  # the interrupted attempt's log is kept
     assert (tmp_path / "out" / second.name / "metrics.json").is_file()
     assert (tmp_path / "results" / "significance_tests.json").is_file()  # aggregated at the end
+    # Every result says which code it ran on: the checkout's commit, as git reports it.
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    if head:
+        code = json.loads(first_metrics.read_text())["code"]
+        assert code["commit"] == head and isinstance(code["dirty"], bool)
+        with open(log_path(config, second)) as f:
+            assert f.read().count(f"'commit': '{head}'") == 2
+
+
+def test_code_revision_of_a_checkout_and_of_an_installed_package(tmp_path):
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "tracked.py").write_text("x = 1\n")
+    git("add", "tracked.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "run.log").write_text("untracked run output\n")
+    assert code_revision(str(tmp_path)) == {"commit": head, "dirty": False}  # run outputs do not make it dirty
+    (tmp_path / "tracked.py").write_text("x = 2\n")
+    assert code_revision(str(tmp_path)) == {"commit": head, "dirty": True}
+    outside = tmp_path.parent / f"{tmp_path.name}_not_a_checkout"
+    outside.mkdir()
+    assert code_revision(str(outside)) == {"fw-lora": version("fw-lora")}
 
 
 def test_failing_run_is_retried_and_reported(tmp_path, tiny_model_dir, glue_dir, capsys):  # noqa: F811

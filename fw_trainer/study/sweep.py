@@ -31,6 +31,7 @@ from ..glue.arguments import to_argv
 from ..glue.run import DIVERGED_EXIT_STATUS
 from ..run_directory import is_finished_run, last_complete_checkpoint
 from ..state_files import write_json_atomic
+from .code_revision import code_revision
 from .config import StudyConfig, StudyConfigError, StudyRun
 from .run_metrics import METRICS_FILE, collect_run_metrics
 from .slots import SlotLayout, fitting_runs_per_gpu, measured_peak_gb, plan_runs_per_gpu
@@ -99,6 +100,8 @@ class Sweep:
         self._lock = threading.Lock()
         self._durations: list[float] = []
         self._stopping = False
+        # The code every run of this sweep starts on: in each log's header and in each `metrics.json`.
+        self.code = code_revision()
 
     def describe(self) -> list[str]:
         """The slot layout and the memory check, as printed before the runs start."""
@@ -198,7 +201,9 @@ class Sweep:
             log = log_path(self.config, run)
             os.makedirs(os.path.dirname(log), exist_ok=True)
             with open(log, "a") as log_file:
-                log_file.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
+                log_file.write(
+                    f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} code {self.code} {shlex.join(command)}\n"
+                )
                 log_file.flush()
                 env = {**os.environ, "PYTHONUNBUFFERED": "1", **environment}
                 process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
@@ -210,7 +215,7 @@ class Sweep:
             if returncode != 0:
                 return returncode
         task_name = run.args.get("task_name")
-        extra = {"run": run.name, "labels": run.labels, "args": run.args}
+        extra = {"run": run.name, "labels": run.labels, "args": run.args, "code": self.code}
         write_json_atomic(os.path.join(output_dir, METRICS_FILE), collect_run_metrics(output_dir, task_name, extra))
         return 0
 
