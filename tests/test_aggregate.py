@@ -5,16 +5,22 @@ import math
 
 import pytest
 import yaml
+from scipy import stats
 
 from fw_trainer.study.aggregate import aggregate_study, main
+from fw_trainer.study.comparisons import significance_tests
 from fw_trainer.study.config import StudyConfig
 from fw_trainer.study.figures import FROZEN_MARK_LABEL, training_curves_figure
 from fw_trainer.study.run_metrics import METRICS_FILE, collect_run_metrics
+from fw_trainer.study.statistics import minimum_detectable_difference
 
 
 LABELS = [0, 1] * 5
 FINAL = {"lora": [0.80, 0.82, 0.84], "fw": [0.81, 0.85, 0.86]}
 NAMES = [f"bert.encoder.layer.{i}.{role}" for i in range(2) for role in ("attention.self.query", "output.dense")]
+# How much of LoRA's ‖ΔW_m‖ each FW-LoRA run keeps, per matrix: against the Fisher proxy's order 1 < 2 < 3 < 4 the
+# ranks are 1, 3, 2, 4 on seeds 0 and 1 (ρ = 1 − 6 · 2 / (4 · 15) = 0.8) and reversed on seed 2 (ρ = −1).
+KEPT = {0: [0.5, 0.7, 0.6, 0.9], 1: [0.5, 0.7, 0.6, 0.9], 2: [0.9, 0.7, 0.6, 0.5]}
 
 
 def write_json(path, data):
@@ -45,12 +51,22 @@ def fabricate_run(run_dir, method: str, seed: int) -> None:
     ]
     write_json(run_dir / "trainer_state.json", {"log_history": history})
     write_json(run_dir / "adapter_summary.json", {"method": method, "adapter_params": 1234, "model_type": "bert"})
-    write_json(run_dir / "delta_weight_norms.json", {name: 1.0 + i + seed for i, name in enumerate(NAMES)})
+    kept = KEPT[seed] if method == "fw" else [1.0] * len(NAMES)
+    norms = {name: (1.0 + i + seed) * kept[i] for i, name in enumerate(NAMES)}
+    write_json(run_dir / "delta_weight_norms.json", norms)
     if method == "fw":
-        modules = {name: {"importance": (i + 1) / 10} for i, name in enumerate(NAMES)}
-        write_json(run_dir / "fw_importance.json", {"frozen": True, "frozen_at_step": 4, "modules": modules})
+        write_importance_file(run_dir, 4, [(i + 1) / 10 for i in range(len(NAMES))])
     rows = [f"{i}\t{label}\t{pred}" for i, (label, pred) in enumerate(zip(LABELS, predictions(method, seed)))]
     (run_dir / "eval_predictions_sst2.tsv").write_text("index\tlabel\tprediction\n" + "\n".join(rows) + "\n")
+
+
+def write_importance_file(run_dir, frozen_at_step: int, importances: list[float]) -> None:
+    """`fw_importance.json` of a frozen warm-up (`max` normalisation, power 1: the weight is 1 − I)."""
+    modules = {
+        name: {"fisher": 2.0 * importance, "importance": importance, "penalty_weight": 1.0 - importance}
+        for name, importance in zip(NAMES, importances)
+    }
+    write_json(run_dir / "fw_importance.json", {"frozen": True, "frozen_at_step": frozen_at_step, "modules": modules})
 
 
 @pytest.fixture
@@ -80,6 +96,7 @@ def test_run_metrics_from_a_run_directory(study, tmp_path):
     assert metrics["best_step"] == 20
     assert [e["loss"] for e in metrics["train_loss_history"]] == [0.69, 0.49]  # the task loss, not loss + penalty
     assert metrics["importances"][NAMES[3]] == pytest.approx(0.4)
+    assert metrics["fisher"][NAMES[3]] == pytest.approx(0.8) and metrics["penalty_weights"][NAMES[3]] == 0.6
     assert metrics["eval_predictions"] == ["eval_predictions_sst2.tsv"]
 
 
@@ -110,14 +127,35 @@ def test_aggregated_metrics_and_significance_by_hand(study, tmp_path):
     assert (seed0["a_only_correct"], seed0["b_only_correct"]) == (3, 1)
     assert seed0["pvalue"] == pytest.approx(2 * (1 + 4) / 16)  # 2 · P(X ≤ 1), X ~ Binomial(4, 1/2)
     assert (seed1["a_only_correct"], seed1["b_only_correct"], seed1["pvalue"]) == (0, 0, 1.0)  # same mistakes
+    # One comparison: Holm leaves its p-values as they are. The difference's t interval: 0.02 ± t_{0.975,2} 0.01 / √3.
+    assert (test["t_pvalue_holm"], test["wilcoxon_pvalue_holm"]) == (test["t_pvalue"], test["wilcoxon_pvalue"])
+    assert test["difference"]["ci_low"] == pytest.approx(0.02 - 4.302653 * 0.01 / math.sqrt(3), rel=1e-5)
+    # The bootstrap means of three differences lie between their smallest and largest, 0.01 and 0.03.
+    assert 0.01 - 1e-12 <= test["bootstrap"]["ci_low"] < 0.02 < test["bootstrap"]["ci_high"] <= 0.03 + 1e-12
+    assert test["minimum_detectable_difference"] == pytest.approx(minimum_detectable_difference([0.01, 0.03, 0.02]))
+    assert test["verdict"] == "no significant difference"  # t p ≈ 0.074
+
+    # Did capacity move: ρ = 0.8, 0.8, −1 by hand (see KEPT), against both the measured F and the weights 1 − I.
+    aggregated = json.loads((results / "aggregated_metrics.json").read_text())
+    per_run = {row["run"]: row for row in aggregated["capacity_per_run"]}
+    assert set(per_run) == {"fw/seed0", "fw/seed1", "fw/seed2"}  # LoRA's runs are the baseline, not compared
+    assert [per_run[f"fw/seed{s}"]["measured_rho"] for s in range(3)] == pytest.approx([0.8, 0.8, -1.0])
+    assert [per_run[f"fw/seed{s}"]["applied_rho"] for s in range(3)] == pytest.approx([0.8, 0.8, -1.0])
+    assert per_run["fw/seed1"]["baseline"] == "lora/seed1" and per_run["fw/seed1"]["matrices"] == 4
+    (cell,) = aggregated["capacity"]
+    assert cell["group"] == "fw" and cell["measured_rho"]["mean"] == pytest.approx(0.2)
+    assert cell["measured_rho"]["std"] == pytest.approx(math.sqrt((0.6**2 * 2 + 1.2**2) / 2))
+    assert (cell["measured_rho"]["ci_low"], cell["measured_rho"]["ci_high"]) == (-1.0, 1.0)  # the t interval, clipped
 
     table = (results / "results.md").read_text()
     assert "| lora | accuracy | 3 | 0.8200 ± 0.0200 |" in table
-    assert "| fw vs lora | accuracy | +0.0200 |" in table
+    assert "| fw vs lora | accuracy | 3 | +0.0200 |" in table
+    assert "| fw | 3 | 0.200 ± 1.039 | [-1.000, +1.000] |" in table
 
     # Figures: per run (curves, confusion matrix) and per study, PNG and PDF, none empty.
     names = {path.split("/results/")[1] for path in written["figures"]}
-    for stem in ("figures/dev_metric", "figures/train_time", "figures/importance_heatmap_all",
+    for stem in ("figures/dev_metric", "figures/train_time", "figures/peak_memory", "figures/capacity_correlation",
+                 "figures/importance_heatmap_all",
                  "figures/delta_weight_norms_all", "runs/fw/seed0/curves", "runs/lora/seed2/confusion_matrix"):  # fmt: skip
         assert {f"{stem}.png", f"{stem}.pdf"} <= names
     for path in written["figures"]:
@@ -146,10 +184,7 @@ def test_curves_mark_the_step_each_run_froze_its_importances(method, frozen_at_s
     run_dir = tmp_path / method
     fabricate_run(run_dir, "lora", 0)
     if frozen_at_step is not None:
-        modules = {name: {"importance": 0.25} for name in NAMES}
-        write_json(
-            run_dir / "fw_importance.json", {"frozen": True, "frozen_at_step": frozen_at_step, "modules": modules}
-        )
+        write_importance_file(run_dir, frozen_at_step, [0.25] * len(NAMES))
     extra = {"run": method, "labels": {}, "args": {"method": method, "fw_warmup_steps": 200}}
     metrics = collect_run_metrics(str(run_dir), "sst2", extra)
     assert metrics["frozen_at_step"] == frozen_at_step
@@ -159,3 +194,41 @@ def test_curves_mark_the_step_each_run_froze_its_importances(method, frozen_at_s
         list(line.get_xdata()) for ax in figure.axes for line in ax.lines if line.get_label() == FROZEN_MARK_LABEL
     ]
     assert marks == ([] if frozen_at_step is None else [[frozen_at_step] * 2] * 2)  # on the loss and the metric panel
+
+
+def test_holm_family_spans_every_comparison_and_group(tmp_path):
+    """Two comparisons on two tasks are one family of four: each p-value is adjusted with the others'."""
+    spec = {
+        "output_dir": str(tmp_path / "out"),
+        "results_dir": str(tmp_path / "results"),
+        "axes": {"task": {"sst2": {"task_name": "sst2"}, "cola": {"task_name": "cola"}},
+                 "method": {"lora": {"method": "lora"}, "fw": {"method": "fw_lora"}, "uni": {"method": "fw_lora"}},
+                 "seed": [0, 1, 2, 3]},
+        "comparisons": {"axis": "method", "pairs": [["fw", "lora"], ["fw", "uni"]]},
+    }  # fmt: skip
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    config = StudyConfig.from_yaml(str(path))
+    shift = {("sst2", "fw"): 0.03, ("sst2", "uni"): 0.01, ("cola", "fw"): -0.02, ("cola", "uni"): 0.0}
+    noise = [0.004, -0.003, 0.001, 0.006]
+    runs = []
+    for run in config.runs():
+        task, method, seed = run.labels["task"], run.labels["method"], int(run.labels["seed"])
+        value = 0.8 + 0.01 * seed + shift.get((task, method), 0.0) + (noise[seed] * (method == "fw"))
+        runs.append({"labels": run.labels, "args": run.args, "run": run.name, "task_name": task,
+                     "metric_name": "accuracy", "final_metric": value, "eval_predictions": []})  # fmt: skip
+    tests = significance_tests(runs, config)
+    cells = {(t["group"]["task"], t["a"], t["b"]): t for t in tests}
+    assert len(tests) == 4 and set(cells) == {(task, "fw", b) for task in ("sst2", "cola") for b in ("lora", "uni")}
+    raw = [stats.ttest_rel(t["a_values"], t["b_values"]).pvalue for t in tests]
+    assert [t["t_pvalue"] for t in tests] == pytest.approx(raw)
+    # Holm by hand: sort, multiply the k-th smallest by 4 − k, keep the running maximum, cap at 1.
+    order = sorted(range(4), key=lambda i: raw[i])
+    expected, running = [0.0] * 4, 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (4 - k) * raw[i]))
+        expected[i] = running
+    assert [t["t_pvalue_holm"] for t in tests] == pytest.approx(expected)
+    assert all(t["t_pvalue_holm"] >= t["t_pvalue"] for t in tests)
+    assert cells["sst2", "fw", "lora"]["verdict"] == "fw higher (Holm p ≤ 0.05)"
+    assert cells["cola", "fw", "lora"]["verdict"] == "fw lower (Holm p ≤ 0.05)"

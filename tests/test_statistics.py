@@ -134,6 +134,18 @@ def test_minimum_detectable_difference_has_the_power_asked_for():
     assert normal_many < minimum_detectable_difference(many) < 1.01 * normal_many
 
 
+@pytest.mark.parametrize("differences", [[0.01, 0.03], [0.01, 0.03, 0.02], [0.01, 0.03, 0.02, -0.01]])
+def test_minimum_detectable_difference_with_two_to_four_seeds(differences):
+    """A partial study has few seeds per comparison: scipy's noncentral t answers NaN on the way to these roots
+    (e.g. at noncentrality 11.2 with 1 and 2 degrees of freedom), which stopped the aggregation with a ValueError."""
+    n, s = len(differences), float(np.std(differences, ddof=1))
+    delta = minimum_detectable_difference(differences)
+    critical = stats.t.ppf(0.975, n - 1)
+    samples = np.random.default_rng(1).normal(delta, s, size=(100_000, n))
+    t = samples.mean(axis=1) / (samples.std(axis=1, ddof=1) / math.sqrt(n))
+    assert np.mean(np.abs(t) > critical) == pytest.approx(0.8, abs=0.006)
+
+
 def test_minimum_detectable_difference_is_undefined_without_spread():
     assert minimum_detectable_difference([0.01]) is None
     assert minimum_detectable_difference([0.1 - 0.09, 0.2 - 0.19, 0.3 - 0.29]) is None  # equal up to rounding

@@ -4,10 +4,13 @@ Aggregates a finished (or partly finished) study into the artefacts of a paper, 
 - `runs/<run>/metrics.json` and `eval_predictions_*.tsv`: each run's summary and dev predictions (copied);
 - `runs/<run>/confusion_matrix.{png,pdf}` and `curves.{png,pdf}`: per-run figures;
 - `aggregated_metrics.json`: per group (every axis but the seed) mean, std and 95 % CI of the final and best dev
-  metric, train time and peak memory;
-- `significance_tests.json`: the study's comparisons, paired over seeds (t-test, Wilcoxon) and per seed (McNemar);
-- `results.md`: both as Markdown tables;
-- `figures/`: bar charts of the dev metric and train time, importance heatmaps, `‖ΔW‖_F` heatmaps per method.
+  metric, train time and peak memory; the capacity correlations per run and per cell (`fw_trainer.study.capacity`);
+- `significance_tests.json`: the study's comparisons (`fw_trainer.study.comparisons`), paired over seeds (t-test and
+  Wilcoxon with Holm-adjusted p-values, t and bootstrap intervals of the difference, the smallest detectable
+  difference) and per seed (McNemar);
+- `results.md`: all three as Markdown tables;
+- `figures/`: dev metric bars with 95 % intervals and the seeds, train time and peak memory, the dose-response of a
+  study that varies λ, the capacity correlations, importance and `‖ΔW‖_F` heatmaps per method.
 
     python -m fw_trainer.study.aggregate configs/studies/cpu_minilm.yaml
 """
@@ -20,16 +23,13 @@ import sys
 from collections import defaultdict
 from typing import Optional
 
-import numpy as np
-
-from ..glue.data import GLUE_LABEL_NAMES
-from ..glue.run_outputs import EVAL_PREDICTIONS_FILE
-from ..heatmap import heatmap_figure
 from ..state_files import write_json_atomic
+from .capacity import capacity_correlations, summarize_capacity
+from .comparisons import significance_tests
 from .config import SEED_AXIS, StudyConfig, StudyConfigError
-from .figures import bar_chart_figure, confusion_matrix_figure, save_figure, training_curves_figure
-from .run_metrics import METRICS_FILE
-from .statistics import mcnemar, paired_tests, summarize
+from .report_figures import run_figures, study_figures
+from .run_metrics import METRICS_FILE, group_key, group_name
+from .statistics import summarize
 
 
 def load_finished_runs(config: StudyConfig) -> list[dict]:
@@ -43,14 +43,6 @@ def load_finished_runs(config: StudyConfig) -> list[dict]:
             metrics["run_dir"] = os.path.dirname(path)
             runs.append(metrics)
     return runs
-
-
-def group_key(metrics: dict) -> tuple[tuple[str, str], ...]:
-    return tuple((axis, label) for axis, label in metrics["labels"].items() if axis != SEED_AXIS)
-
-
-def group_name(key: tuple[tuple[str, str], ...]) -> str:
-    return "/".join(label for _, label in key)
 
 
 def aggregate_groups(runs: list[dict]) -> list[dict]:
@@ -90,64 +82,6 @@ def aggregate_groups(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def load_eval_predictions(run: dict) -> Optional[np.ndarray]:
-    """The run's dev predictions as rows of (index, label, prediction): the task's own file (for MNLI the matched
-    one), else the first; `None` for a regression (STS-B) or a run without predictions."""
-    if GLUE_LABEL_NAMES.get(run["task_name"], ()) is None:  # STS-B: a regression, no right or wrong
-        return None
-    preferred = EVAL_PREDICTIONS_FILE.format(task=run["task_name"])
-    files = [preferred] if preferred in run["eval_predictions"] else run["eval_predictions"][:1]
-    if not files:
-        return None
-    return np.loadtxt(os.path.join(run["run_dir"], files[0]), delimiter="\t", skiprows=1, ndmin=2)
-
-
-def _correct(run: dict) -> Optional[np.ndarray]:
-    """Per dev example, whether the run's final prediction is right (classification only)."""
-    table = load_eval_predictions(run)
-    return None if table is None else table[:, 1] == table[:, 2]
-
-
-def significance_tests(runs: list[dict], config: StudyConfig) -> list[dict]:
-    """
-    For each comparison `(a, b)` of the study and each group of the other axes: paired tests of the final dev metric
-    over the seeds both ran, and McNemar's test on the dev predictions of each seed.
-    """
-    axis = config.comparison_axis
-    by_cell = {
-        (tuple((k, v) for k, v in group_key(m) if k != axis), m["labels"][axis], m["labels"].get(SEED_AXIS)): m
-        for m in runs
-    }
-    contexts = list(dict.fromkeys(context for context, _, _ in by_cell))
-    tests = []
-    for a, b in config.comparison_pairs:
-        for context in contexts:
-            seeds = [s for (c, label, s) in by_cell if c == context and label == a and (c, b, s) in by_cell]
-            if not seeds:
-                continue
-            run_a = [by_cell[context, a, s] for s in seeds]
-            run_b = [by_cell[context, b, s] for s in seeds]
-            entry = {
-                "group": dict(context),
-                "axis": axis,
-                "a": a,
-                "b": b,
-                "metric_name": run_a[0]["metric_name"],
-                "compared": "final dev metric",
-                "seeds": seeds,
-                "a_values": [m["final_metric"] for m in run_a],
-                "b_values": [m["final_metric"] for m in run_b],
-                **paired_tests([m["final_metric"] for m in run_a], [m["final_metric"] for m in run_b]),
-                "mcnemar": [],
-            }
-            for seed, one, two in zip(seeds, run_a, run_b):
-                correct_one, correct_two = _correct(one), _correct(two)
-                if correct_one is not None and correct_two is not None:
-                    entry["mcnemar"].append({"seed": seed, **mcnemar(correct_one, correct_two)})
-            tests.append(entry)
-    return tests
-
-
 def _format(summary: dict, digits: int = 4) -> str:
     if summary["mean"] is None:
         return "–"
@@ -160,8 +94,12 @@ def _p(value: Optional[float]) -> str:
     return "–" if value is None else f"{value:.3g}"
 
 
-def markdown_tables(groups: list[dict], tests: list[dict]) -> str:
-    """The two tables of `results.md`: metrics per group, and the significance tests."""
+def _interval(low: Optional[float], high: Optional[float], digits: int = 4) -> str:
+    return "–" if low is None else f"[{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def markdown_tables(groups: list[dict], tests: list[dict], capacity: Optional[list[dict]] = None) -> str:
+    """The tables of `results.md`: metrics per group, the comparisons, and the capacity correlations per cell."""
     lines = [
         "| group | metric | n | final dev (mean ± std) | 95 % CI | best dev (mean ± std) | train time (s) | peak memory (MB) "
         "| adapter params |",
@@ -179,82 +117,45 @@ def markdown_tables(groups: list[dict], tests: list[dict]) -> str:
     if tests:
         lines += [
             "",
-            "| group | a vs b | metric | Δ mean (a − b) | paired t p | Wilcoxon p | McNemar p per seed (a only / b only "
-            "correct) |",
-            "|---|---|---|---|---|---|---|",
+            "Comparisons, paired over seeds (final dev metric; Holm: adjusted over all the rows of this table; MDD: the "
+            "smallest true difference the paired t-test detects with 80 % power at α = 0.05).",
+            "",
+            "| group | a vs b | metric | n | Δ mean (a − b) | t 95 % CI | bootstrap 95 % CI | t p | Holm t p | "
+            "Wilcoxon p | Holm Wilcoxon p | MDD | verdict | McNemar p per seed (a only / b only correct) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for test in tests:
             per_seed = "; ".join(
                 f"seed {m['seed']}: {_p(m['pvalue'])} ({m['a_only_correct']}/{m['b_only_correct']})"
                 for m in test["mcnemar"]
             )
+            difference, bootstrap = test["difference"], test["bootstrap"]
+            mdd = test["minimum_detectable_difference"]
             lines.append(
                 f"| {group_name(tuple(test['group'].items())) or '–'} | {test['a']} vs {test['b']} | "
-                f"{test['metric_name']} | {test['mean_difference']:+.4f} | {_p(test['t_pvalue'])} | "
-                f"{_p(test['wilcoxon_pvalue'])} | {per_seed or '–'} |"
+                f"{test['metric_name']} | {test['n']} | {test['mean_difference']:+.4f} | "
+                f"{_interval(difference['ci_low'], difference['ci_high'])} | "
+                f"{_interval(bootstrap['ci_low'], bootstrap['ci_high'])} | {_p(test['t_pvalue'])} | "
+                f"{_p(test['t_pvalue_holm'])} | {_p(test['wilcoxon_pvalue'])} | {_p(test['wilcoxon_pvalue_holm'])} | "
+                f"{'–' if mdd is None else f'{mdd:.4f}'} | {test['verdict']} | {per_seed or '–'} |"
+            )
+    if capacity:
+        lines += [
+            "",
+            "Did capacity move? Spearman ρ across matrices between the measured Fisher proxy F_m (measured) or the "
+            "penalty's protection −w_m (applied) and ‖ΔW_m‖ relative to LoRA's, same seed (mean ± std, 95 % CI).",
+            "",
+            "| group | n | measured ρ | measured 95 % CI | applied ρ | applied 95 % CI |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in capacity:
+            measured, applied = row["measured_rho"], row["applied_rho"]
+            lines.append(
+                f"| {row['group']} | {measured['n']} | {_format(measured, 3)} | "
+                f"{_interval(measured['ci_low'], measured['ci_high'], 3)} | {_format(applied, 3)} | "
+                f"{_interval(applied['ci_low'], applied['ci_high'], 3)} |"
             )
     return "\n".join(lines) + "\n"
-
-
-def _mean_over_seeds(members: list[dict], field: str) -> Optional[dict[str, float]]:
-    maps = [m[field] for m in members if m.get(field)]
-    if not maps:
-        return None
-    return {name: float(np.mean([values[name] for values in maps])) for name in maps[0]}
-
-
-def study_figures(runs: list[dict], groups: list[dict], config: StudyConfig, figures_dir: str) -> list[str]:
-    """The study's figures: dev metric and train time bars, importance and `‖ΔW‖_F` heatmaps (means over seeds)."""
-    # Bars and panels compare along the study's comparison axis (else its last axis but the seed's).
-    axis = config.comparison_axis or ([a for a in config.axes if a != SEED_AXIS] or [SEED_AXIS])[-1]
-    paths = []
-    # One panel per value of the other axes (e.g. the task), one bar per label of the compared axis (the method).
-    panels, runtime_panels = defaultdict(dict), defaultdict(dict)
-    for row in groups:
-        context = group_name(tuple((k, v) for k, v in row["group"].items() if k != axis)) or "all"
-        label = row["group"].get(axis, row["name"])
-        panels[f"{context} ({row['metric_name']})"][label] = (row["final_metric"]["mean"], row["final_metric"]["std"])
-        runtime_panels[context][label] = (row["train_runtime"]["mean"], row["train_runtime"]["std"])
-    paths += save_figure(bar_chart_figure(panels, "final dev metric"), os.path.join(figures_dir, "dev_metric"))
-    paths += save_figure(
-        bar_chart_figure(runtime_panels, "train time (s)", zoom=False), os.path.join(figures_dir, "train_time")
-    )
-
-    by_group = defaultdict(list)
-    for metrics in runs:
-        by_group[group_key(metrics)].append(metrics)
-    contexts = defaultdict(dict)
-    for key, members in by_group.items():
-        context = tuple((k, v) for k, v in key if k != axis)
-        contexts[context][dict(key).get(axis, group_name(key))] = members
-    for context, methods in contexts.items():
-        stem = group_name(context).replace("/", "_") or "all"
-        where = f", {group_name(context)}" if context else ""
-        importances = {label: _mean_over_seeds(m, "importances") for label, m in methods.items()}
-        importances = {label: values for label, values in importances.items() if values}
-        if importances:
-            figure = heatmap_figure(importances, "importance I (mean over seeds)", shared_scale=False)
-            figure.suptitle(f"FW-LoRA importances{where}", fontsize=10)
-            paths += save_figure(figure, os.path.join(figures_dir, f"importance_heatmap_{stem}"))
-        norms = {label: _mean_over_seeds(m, "delta_weight_norms") for label, m in methods.items()}
-        norms = {label: values for label, values in norms.items() if values}
-        if norms:
-            figure = heatmap_figure(norms, "‖ΔW‖_F at the end (mean over seeds)")
-            figure.suptitle(f"Where each method put its capacity{where}", fontsize=10)
-            paths += save_figure(figure, os.path.join(figures_dir, f"delta_weight_norms_{stem}"))
-    return paths
-
-
-def run_figures(metrics: dict, out_dir: str) -> list[str]:
-    """A run's training curves (with the step its importances froze at) and, for a classification task, its dev
-    confusion matrix."""
-    paths = save_figure(training_curves_figure(metrics, metrics["run"]), os.path.join(out_dir, "curves"))
-    names = GLUE_LABEL_NAMES.get(metrics["task_name"])
-    table = load_eval_predictions(metrics) if names else None
-    if table is not None:
-        figure = confusion_matrix_figure(table[:, 1].astype(int), table[:, 2].astype(int), names, metrics["run"])
-        paths += save_figure(figure, os.path.join(out_dir, "confusion_matrix"))
-    return paths
 
 
 def aggregate_study(config: StudyConfig, figures: bool = True) -> dict:
@@ -269,15 +170,20 @@ def aggregate_study(config: StudyConfig, figures: bool = True) -> dict:
     results_dir = config.results_dir
     groups = aggregate_groups(runs)
     tests = significance_tests(runs, config) if config.comparison_pairs else []
+    correlations = capacity_correlations(runs, config.comparison_axis)
+    capacity = summarize_capacity(correlations)
     header = {"study": config.path, "finished_runs": len(runs), "expected_runs": expected}
-    write_json_atomic(os.path.join(results_dir, "aggregated_metrics.json"), {**header, "groups": groups})
+    write_json_atomic(
+        os.path.join(results_dir, "aggregated_metrics.json"),
+        {**header, "groups": groups, "capacity": capacity, "capacity_per_run": correlations},
+    )
     write_json_atomic(os.path.join(results_dir, "significance_tests.json"), {**header, "tests": tests})
     with open(os.path.join(results_dir, "results.md"), "w") as f:
         if len(runs) < expected:
             f.write(f"**Partial: {len(runs)} of {expected} runs finished.**\n\n")
-        f.write(markdown_tables(groups, tests))
+        f.write(markdown_tables(groups, tests, capacity))
 
-    written = {"groups": groups, "tests": tests, "figures": []}
+    written = {"groups": groups, "tests": tests, "capacity": capacity, "figures": []}
     for metrics in runs:
         out_dir = os.path.join(results_dir, "runs", metrics["run"])
         os.makedirs(out_dir, exist_ok=True)
@@ -286,9 +192,10 @@ def aggregate_study(config: StudyConfig, figures: bool = True) -> dict:
         if figures:
             written["figures"] += run_figures(metrics, out_dir)
     if figures:
-        written["figures"] += study_figures(runs, groups, config, os.path.join(results_dir, "figures"))
+        figures_dir = os.path.join(results_dir, "figures")
+        written["figures"] += study_figures(runs, groups, correlations, capacity, config, figures_dir)
     print(f"Aggregated {len(runs)} of {expected} runs into {results_dir}:\n")
-    print(markdown_tables(groups, tests))
+    print(markdown_tables(groups, tests, capacity))
     return written
 
 

@@ -1,6 +1,6 @@
 """
 Figures of runs and studies (matplotlib's object API, no pyplot state, no display needed): confusion matrices, training
-curves and bar charts with error bars (the layer × role heatmaps are `fw_trainer.heatmap`).
+curves, bar charts with error bars and the seeds' values, dose-response curves and per-run correlations (the layer × role heatmaps are `fw_trainer.heatmap`).
 """
 
 import os
@@ -66,28 +66,93 @@ def training_curves_figure(metrics: dict, title: str) -> Figure:
 
 
 def bar_chart_figure(
-    panels: dict[str, dict[str, tuple[float, Optional[float]]]], ylabel: str, zoom: bool = True
+    panels: dict[str, dict[str, tuple[float, Optional[float]]]],
+    ylabel: str,
+    zoom: bool = True,
+    points: Optional[dict[str, dict[str, Sequence[float]]]] = None,
 ) -> Figure:
     """
     Grouped bars with error bars: one panel per entry (e.g. a task), one bar per label (e.g. a method).
 
     Args:
-        panels (`dict`): Panel title → (bar label → (mean, std or `None`)).
-        ylabel (`str`): The y-axis label.
+        panels (`dict`): Panel title → (bar label → (mean, error-bar half-width or `None`)).
+        ylabel (`str`): The y-axis label (say what the error bars are).
         zoom (`bool`): Start the y axis near the smallest bar (differences between methods are small), not at 0.
+        points (`dict`, *optional*): Panel title → (bar label → the values behind the bar, e.g. one per seed), drawn
+            as dots over the bar.
     """
     figure = Figure(figsize=(1.2 + 3.4 * len(panels), 3.4), layout="constrained")
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, bars) in zip(axes, panels.items()):
         labels = list(bars)
         means = np.array([bars[label][0] for label in labels], dtype=float)
-        stds = np.array([bars[label][1] or 0.0 for label in labels], dtype=float)
-        ax.bar(range(len(labels)), means, yerr=stds, capsize=4, color=[f"C{i}" for i in range(len(labels))])
+        errors = np.array([bars[label][1] or 0.0 for label in labels], dtype=float)
+        ax.bar(range(len(labels)), means, yerr=errors, capsize=4, color=[f"C{i}" for i in range(len(labels))])
+        low, high = float(np.min(means - errors, initial=np.inf)), float(np.max(means + errors, initial=-np.inf))
+        for i, label in enumerate(labels):
+            values = np.asarray((points or {}).get(title, {}).get(label, ()), dtype=float)
+            if len(values):
+                ax.scatter(np.full(len(values), i), values, s=12, color="black", zorder=3)
+                low, high = min(low, float(values.min())), max(high, float(values.max()))
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(ylabel)
         if zoom and len(means):
-            low, high = float(np.min(means - stds)), float(np.max(means + stds))
             margin = 0.15 * (high - low) if high > low else 0.05 * abs(high) + 1e-3
             ax.set_ylim(min(0.0, low - margin) if low < 0 else max(0.0, low - margin), high + margin)
+    return figure
+
+
+def dose_response_figure(
+    panels: dict[str, dict[str, list[tuple[float, float]]]], baselines: dict[str, float], ylabel: str
+) -> Figure:
+    """
+    A metric against the penalty strength λ (log scale): one panel per entry (a task), one line per series.
+
+    Args:
+        panels (`dict`): Panel title → (series label → [(λ, value), ...]); several values at one λ (seeds) are drawn
+            as dots with their mean on the line.
+        baselines (`dict`): Panel title → the unpenalised baseline's value (LoRA), drawn as a dashed line.
+        ylabel (`str`): The y-axis label.
+    """
+    figure = Figure(figsize=(1.2 + 3.6 * len(panels), 3.4), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, series) in zip(axes, panels.items()):
+        for i, (label, pairs) in enumerate(series.items()):
+            lambdas = sorted({lam for lam, _ in pairs})
+            means = [np.mean([value for lam, value in pairs if lam == at]) for at in lambdas]
+            ax.plot(lambdas, means, marker="o", color=f"C{i}", label=label)
+            ax.scatter([lam for lam, _ in pairs], [value for _, value in pairs], s=10, color=f"C{i}", alpha=0.5)
+        if title in baselines:
+            ax.axhline(baselines[title], color="grey", linestyle="--", linewidth=1, label="LoRA (no penalty)")
+        ax.set_xscale("log")
+        ax.set(xlabel="penalty strength λ", ylabel=ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    return figure
+
+
+def correlation_figure(panels: dict[str, dict[str, tuple[Sequence[float], Optional[tuple[float, float]]]]]) -> Figure:
+    """
+    Per-run correlations by cell, around zero: one panel per entry (a task), one column per cell (a method).
+
+    Args:
+        panels (`dict`): Panel title → (cell label → (the runs' correlations, the t interval of their mean or
+            `None`)); the dots are the runs, the bar the mean with its interval.
+    """
+    figure = Figure(figsize=(1.2 + 3.4 * len(panels), 3.4), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, cells) in zip(axes, panels.items()):
+        for i, (values, interval) in enumerate(cells.values()):
+            values = np.asarray(values, dtype=float)
+            ax.scatter(np.full(len(values), i), values, s=14, color=f"C{i}", alpha=0.7)
+            if len(values):
+                mean = float(values.mean())
+                error = None if interval is None else [[mean - interval[0]], [interval[1] - mean]]
+                ax.errorbar([i + 0.2], [mean], yerr=error, fmt="D", color="black", capsize=4, markersize=4)
+        ax.axhline(0.0, color="grey", linewidth=1)
+        ax.set_xticks(range(len(cells)), list(cells), rotation=30, ha="right")
+        ax.set_ylim(-1.05, 1.05)
+        ax.set_ylabel("Spearman ρ (dots: seeds; ◆: mean, 95 % CI)")
+        ax.set_title(title, fontsize=10)
     return figure

@@ -15,6 +15,7 @@ from ..glue.run_outputs import (
     TRAINER_STATE_FILE,
 )
 from ..state_files import IMPORTANCE_FILE
+from .config import SEED_AXIS
 
 
 METRICS_FILE = "metrics.json"
@@ -88,15 +89,31 @@ def collect_run_metrics(run_dir: str, task_name: Optional[str], extra: Optional[
         "train_peak_memory_mb": results.get("train_peak_memory_mb"),
         "train_peak_memory_kind": results.get("train_peak_memory_kind"),
         "adapter": artifacts["adapter_summary"],
-        "importances": (
-            {name: entry["importance"] for name, entry in importance["modules"].items()} if frozen else None
-        ),
+        # The importances the penalty used (for the shuffled control: permuted across matrices), its weights, and
+        # the measured Fisher proxy behind them (never permuted).
+        "importances": _per_matrix(importance, "importance") if frozen else None,
+        "penalty_weights": _per_matrix(importance, "penalty_weight") if frozen else None,
+        "fisher": _per_matrix(importance, "fisher") if frozen else None,
         "frozen_at_step": importance["frozen_at_step"] if frozen else None,
         "delta_weight_norms": artifacts["delta_weight_norms"],
         "eval_predictions": artifacts["eval_predictions"],
     }
     metrics.update(extra or {})
     return metrics
+
+
+def _per_matrix(importance: dict, field: str) -> dict[str, float]:
+    return {name: entry[field] for name, entry in importance["modules"].items()}
+
+
+def group_key(metrics: dict) -> tuple[tuple[str, str], ...]:
+    """The labels of a run's `metrics.json` on every axis but the seed's: runs with the same key form a cell."""
+    return tuple((axis, label) for axis, label in metrics["labels"].items() if axis != SEED_AXIS)
+
+
+def group_name(key: tuple[tuple[str, str], ...]) -> str:
+    """`sst2/fisher_max`: a cell's labels joined."""
+    return "/".join(label for _, label in key)
 
 
 def _read_json(path: str) -> Optional[Any]:

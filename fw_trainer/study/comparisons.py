@@ -1,0 +1,115 @@
+"""
+The study's pre-registered comparisons: each pair `(a, b)` of its `comparisons`, in each group of the other axes,
+paired over the seeds both sides finished. One family per study file: the Holm–Bonferroni adjustment runs over every
+comparison the file lists, in every group.
+"""
+
+import os
+from typing import Optional
+
+import numpy as np
+
+from ..glue.data import GLUE_LABEL_NAMES
+from ..glue.run_outputs import EVAL_PREDICTIONS_FILE
+from .config import SEED_AXIS, StudyConfig
+from .run_metrics import group_key
+from .statistics import (
+    bootstrap_mean_ci,
+    holm_bonferroni,
+    mcnemar,
+    minimum_detectable_difference,
+    paired_tests,
+    summarize,
+)
+
+
+# The level of the primary decision: the Holm-adjusted paired t-test (results/fisher_controls/README.md).
+ALPHA = 0.05
+# Power for the smallest difference the design detects, reported beside every comparison.
+POWER = 0.8
+
+
+def load_eval_predictions(run: dict) -> Optional[np.ndarray]:
+    """The run's dev predictions as rows of (index, label, prediction): the task's own file (for MNLI the matched
+    one), else the first; `None` for a regression (STS-B) or a run without predictions."""
+    if GLUE_LABEL_NAMES.get(run["task_name"], ()) is None:  # STS-B: a regression, no right or wrong
+        return None
+    preferred = EVAL_PREDICTIONS_FILE.format(task=run["task_name"])
+    files = [preferred] if preferred in run["eval_predictions"] else run["eval_predictions"][:1]
+    if not files:
+        return None
+    return np.loadtxt(os.path.join(run["run_dir"], files[0]), delimiter="\t", skiprows=1, ndmin=2)
+
+
+def _correct(run: dict) -> Optional[np.ndarray]:
+    """Per dev example, whether the run's final prediction is right (classification only)."""
+    table = load_eval_predictions(run)
+    return None if table is None else table[:, 1] == table[:, 2]
+
+
+def _verdict(test: dict) -> str:
+    """What the primary test says, in words: a difference at the family-wise level, or not detectable."""
+    p = test["t_pvalue_holm"]
+    if p is None:
+        return "undefined (fewer than two seeds, or no spread)"
+    if p <= ALPHA:
+        return f"{test['a']} {'higher' if test['mean_difference'] > 0 else 'lower'} (Holm p ≤ {ALPHA})"
+    return "no significant difference"
+
+
+def significance_tests(runs: list[dict], config: StudyConfig) -> list[dict]:
+    """
+    For each comparison `(a, b)` of the study and each group of the other axes, on the final dev metric over the
+    seeds both ran: the paired t-test and Wilcoxon signed-rank test with their Holm–Bonferroni adjusted p-values
+    (over the study's whole family), the mean paired difference with its t and percentile-bootstrap 95 % intervals,
+    the smallest difference the design detects with 80 % power, and McNemar's test on the dev predictions per seed.
+
+    Returns:
+        `list[dict]`: One entry per comparison and group: `group`, `axis`, `a`, `b`, `metric_name`, `seeds`,
+        `a_values`, `b_values`, the [`paired_tests`] fields, `t_pvalue_holm`, `wilcoxon_pvalue_holm`, `difference`
+        ([`summarize`] of `a − b`), `bootstrap` ([`bootstrap_mean_ci`]), `minimum_detectable_difference`, `verdict`
+        and `mcnemar` (one [`mcnemar`] per seed with predictions on both sides).
+    """
+    axis = config.comparison_axis
+    by_cell = {
+        (tuple((k, v) for k, v in group_key(m) if k != axis), m["labels"][axis], m["labels"].get(SEED_AXIS)): m
+        for m in runs
+    }
+    contexts = list(dict.fromkeys(context for context, _, _ in by_cell))
+    tests = []
+    for a, b in config.comparison_pairs:
+        for context in contexts:
+            seeds = [s for (c, label, s) in by_cell if c == context and label == a and (c, b, s) in by_cell]
+            if not seeds:
+                continue
+            run_a = [by_cell[context, a, s] for s in seeds]
+            run_b = [by_cell[context, b, s] for s in seeds]
+            values_a, values_b = [m["final_metric"] for m in run_a], [m["final_metric"] for m in run_b]
+            differences = np.subtract(values_a, values_b)
+            entry = {
+                "group": dict(context),
+                "axis": axis,
+                "a": a,
+                "b": b,
+                "metric_name": run_a[0]["metric_name"],
+                "compared": "final dev metric",
+                "seeds": seeds,
+                "a_values": values_a,
+                "b_values": values_b,
+                **paired_tests(values_a, values_b),
+                "difference": summarize(differences),
+                "bootstrap": bootstrap_mean_ci(differences),
+                "minimum_detectable_difference": minimum_detectable_difference(differences, ALPHA, POWER),
+                "mcnemar": [],
+            }
+            for seed, one, two in zip(seeds, run_a, run_b):
+                correct_one, correct_two = _correct(one), _correct(two)
+                if correct_one is not None and correct_two is not None:
+                    entry["mcnemar"].append({"seed": seed, **mcnemar(correct_one, correct_two)})
+            tests.append(entry)
+    for key in ("t_pvalue", "wilcoxon_pvalue"):
+        for test, adjusted in zip(tests, holm_bonferroni([test[key] for test in tests])):
+            test[f"{key}_holm"] = adjusted
+    for test in tests:
+        test["verdict"] = _verdict(test)
+    return tests
