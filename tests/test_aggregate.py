@@ -8,6 +8,7 @@ import yaml
 from scipy import stats
 
 from fw_trainer.study.aggregate import aggregate_study, main
+from fw_trainer.study.capacity import capacity_comparisons
 from fw_trainer.study.comparisons import significance_tests
 from fw_trainer.study.config import StudyConfig
 from fw_trainer.study.figures import FROZEN_MARK_LABEL, training_curves_figure
@@ -232,3 +233,19 @@ def test_holm_family_spans_every_comparison_and_group(tmp_path):
     assert all(t["t_pvalue_holm"] >= t["t_pvalue"] for t in tests)
     assert cells["sst2", "fw", "lora"]["verdict"] == "fw higher (Holm p ≤ 0.05)"
     assert cells["cola", "fw", "lora"]["verdict"] == "fw lower (Holm p ≤ 0.05)"
+
+
+def test_capacity_comparisons_pair_the_correlations_over_seeds():
+    """Fisher's ρ against the uniform control's, seed by seed, per task; a seed one side lacks is left out."""
+    rho = {("sst2", "fw"): [0.9, 0.8, 0.85], ("sst2", "uni"): [0.7, 0.75, 0.6], ("cola", "fw"): [0.5, 0.4, None],
+           ("cola", "uni"): [0.45, 0.5, 0.3]}  # fmt: skip
+    rows = [
+        {"labels": {"task": task, "method": method, "seed": str(seed)}, "seed": str(seed), "measured_rho": value}
+        for (task, method), values in rho.items()
+        for seed, value in enumerate(values)
+    ]
+    tests = {t["group"]["task"]: t for t in capacity_comparisons(rows, [("fw", "uni")], "method")}
+    assert tests["sst2"]["seeds"] == ["0", "1", "2"] and tests["cola"]["seeds"] == ["0", "1"]
+    assert tests["sst2"]["mean_difference"] == pytest.approx((0.2 + 0.05 + 0.25) / 3)
+    assert tests["sst2"]["t_pvalue"] == pytest.approx(stats.ttest_rel([0.9, 0.8, 0.85], [0.7, 0.75, 0.6]).pvalue)
+    assert tests["cola"]["a_values"] == [0.5, 0.4] and tests["cola"]["mean_difference"] == pytest.approx(-0.025)

@@ -24,7 +24,7 @@ from collections import defaultdict
 from typing import Optional
 
 from ..state_files import write_json_atomic
-from .capacity import capacity_correlations, summarize_capacity
+from .capacity import capacity_comparisons, capacity_correlations, summarize_capacity
 from .comparisons import significance_tests
 from .config import SEED_AXIS, StudyConfig, StudyConfigError
 from .report_figures import run_figures, study_figures
@@ -98,8 +98,14 @@ def _interval(low: Optional[float], high: Optional[float], digits: int = 4) -> s
     return "–" if low is None else f"[{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
-def markdown_tables(groups: list[dict], tests: list[dict], capacity: Optional[list[dict]] = None) -> str:
-    """The tables of `results.md`: metrics per group, the comparisons, and the capacity correlations per cell."""
+def markdown_tables(
+    groups: list[dict],
+    tests: list[dict],
+    capacity: Optional[list[dict]] = None,
+    capacity_tests: Optional[list[dict]] = None,
+) -> str:
+    """The tables of `results.md`: metrics per group, the comparisons, the capacity correlations per cell and the
+    comparisons of those correlations."""
     lines = [
         "| group | metric | n | final dev (mean ± std) | 95 % CI | best dev (mean ± std) | train time (s) | peak memory (MB) "
         "| adapter params |",
@@ -155,6 +161,21 @@ def markdown_tables(groups: list[dict], tests: list[dict], capacity: Optional[li
                 f"{_interval(measured['ci_low'], measured['ci_high'], 3)} | {_format(applied, 3)} | "
                 f"{_interval(applied['ci_low'], applied['ci_high'], 3)} |"
             )
+    if capacity_tests:
+        lines += [
+            "",
+            "The comparisons on the measured ρ, paired over seeds (exploratory: not among the pre-registered tests).",
+            "",
+            "| group | a vs b | n | Δ ρ mean (a − b) | t 95 % CI | t p | Wilcoxon p |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for test in capacity_tests:
+            difference = test["difference"]
+            lines.append(
+                f"| {group_name(tuple(test['group'].items())) or '–'} | {test['a']} vs {test['b']} | {test['n']} | "
+                f"{test['mean_difference']:+.3f} | {_interval(difference['ci_low'], difference['ci_high'], 3)} | "
+                f"{_p(test['t_pvalue'])} | {_p(test['wilcoxon_pvalue'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -172,16 +193,23 @@ def aggregate_study(config: StudyConfig, figures: bool = True) -> dict:
     tests = significance_tests(runs, config) if config.comparison_pairs else []
     correlations = capacity_correlations(runs, config.comparison_axis)
     capacity = summarize_capacity(correlations)
+    capacity_tests = capacity_comparisons(correlations, config.comparison_pairs, config.comparison_axis)
     header = {"study": config.path, "finished_runs": len(runs), "expected_runs": expected}
     write_json_atomic(
         os.path.join(results_dir, "aggregated_metrics.json"),
-        {**header, "groups": groups, "capacity": capacity, "capacity_per_run": correlations},
+        {
+            **header,
+            "groups": groups,
+            "capacity": capacity,
+            "capacity_comparisons": capacity_tests,
+            "capacity_per_run": correlations,
+        },
     )
     write_json_atomic(os.path.join(results_dir, "significance_tests.json"), {**header, "tests": tests})
     with open(os.path.join(results_dir, "results.md"), "w") as f:
         if len(runs) < expected:
             f.write(f"**Partial: {len(runs)} of {expected} runs finished.**\n\n")
-        f.write(markdown_tables(groups, tests, capacity))
+        f.write(markdown_tables(groups, tests, capacity, capacity_tests))
 
     written = {"groups": groups, "tests": tests, "capacity": capacity, "figures": []}
     for metrics in runs:
@@ -195,7 +223,7 @@ def aggregate_study(config: StudyConfig, figures: bool = True) -> dict:
         figures_dir = os.path.join(results_dir, "figures")
         written["figures"] += study_figures(runs, groups, correlations, capacity, config, figures_dir)
     print(f"Aggregated {len(runs)} of {expected} runs into {results_dir}:\n")
-    print(markdown_tables(groups, tests, capacity))
+    print(markdown_tables(groups, tests, capacity, capacity_tests))
     return written
 
 

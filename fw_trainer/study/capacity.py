@@ -16,7 +16,7 @@ from typing import Optional
 
 from .config import SEED_AXIS
 from .run_metrics import group_key, group_name
-from .statistics import spearman, summarize
+from .statistics import paired_tests, spearman, summarize
 
 
 # The method every run's update is compared with.
@@ -56,6 +56,7 @@ def capacity_correlations(runs: list[dict], axis: Optional[str]) -> list[dict]:
             {
                 "run": metrics["run"],
                 "group": group_name(group_key(metrics)),
+                "labels": metrics["labels"],
                 "seed": metrics["labels"].get(SEED_AXIS),
                 "baseline": baseline["run"],
                 "matrices": len(names),
@@ -89,3 +90,43 @@ def summarize_capacity(rows: list[dict]) -> list[dict]:
         }
         for name, members in cells.items()
     ]
+
+
+def capacity_comparisons(rows: list[dict], pairs: list[tuple[str, str]], axis: Optional[str]) -> list[dict]:
+    """
+    The study's comparisons `(a, b)` on the measured correlation instead of the dev metric: in each group of the other
+    axes, [`paired_tests`] of `ρ_a − ρ_b` over the seeds both have. A uniform penalty already lets the matrices with
+    a large Fisher proxy keep more of their update (they carry a larger task gradient, which a uniform shrinkage
+    opposes alike), so whether Fisher weights *move* capacity is whether their ρ exceeds the uniform control's.
+
+    Returns:
+        `list[dict]`: `group` (the other axes' labels), `a`, `b`, `seeds`, `a_values`, `b_values`, `difference`
+        ([`summarize`] of `ρ_a − ρ_b`) and the [`paired_tests`] fields.
+    """
+    axis = axis or "method"
+    by_cell = {}
+    for row in rows:
+        if row["measured_rho"] is not None:
+            context = tuple((k, v) for k, v in row["labels"].items() if k not in (axis, SEED_AXIS))
+            by_cell[context, row["labels"].get(axis), row["seed"]] = row["measured_rho"]
+    contexts = list(dict.fromkeys(context for context, _, _ in by_cell))
+    comparisons = []
+    for a, b in pairs:
+        for context in contexts:
+            seeds = [s for (c, label, s) in by_cell if c == context and label == a and (c, b, s) in by_cell]
+            if not seeds:
+                continue
+            values_a, values_b = [by_cell[context, a, s] for s in seeds], [by_cell[context, b, s] for s in seeds]
+            comparisons.append(
+                {
+                    "group": dict(context),
+                    "a": a,
+                    "b": b,
+                    "seeds": seeds,
+                    "a_values": values_a,
+                    "b_values": values_b,
+                    "difference": summarize([x - y for x, y in zip(values_a, values_b)]),
+                    **paired_tests(values_a, values_b),
+                }
+            )
+    return comparisons
