@@ -249,3 +249,22 @@ def test_capacity_comparisons_pair_the_correlations_over_seeds():
     assert tests["sst2"]["mean_difference"] == pytest.approx((0.2 + 0.05 + 0.25) / 3)
     assert tests["sst2"]["t_pvalue"] == pytest.approx(stats.ttest_rel([0.9, 0.8, 0.85], [0.7, 0.75, 0.6]).pvalue)
     assert tests["cola"]["a_values"] == [0.5, 0.4] and tests["cola"]["mean_difference"] == pytest.approx(-0.025)
+
+
+def test_a_study_in_parts_gets_combined_files(study, tmp_path, capsys):
+    spec = yaml.safe_load(open(study.path))
+    second = tmp_path / "second.yaml"
+    second.write_text(yaml.safe_dump({**spec, "results_dir": str(tmp_path / "second_part")}))
+    combined = tmp_path / "combined"
+    assert main([study.path, str(second), "--no_figures", "--combined_dir", str(combined)]) == 0
+    for name in ("aggregated_metrics.json", "significance_tests.json"):
+        parts = json.loads((combined / name).read_text())["parts"]
+        assert parts == {
+            "results": json.loads((tmp_path / "results" / name).read_text()),
+            "second_part": json.loads((tmp_path / "second_part" / name).read_text()),
+        }
+    # Two parts whose results_dir end alike would overwrite each other in the combined files: refused.
+    clash = tmp_path / "clash.yaml"
+    clash.write_text(yaml.safe_dump({**spec, "results_dir": str(tmp_path / "elsewhere" / "results")}))
+    assert main([study.path, str(clash), "--no_figures", "--combined_dir", str(combined)]) == 2
+    assert "repeat one" in capsys.readouterr().err

@@ -13,6 +13,7 @@ Aggregates a finished (or partly finished) study into the artefacts of a paper, 
   study that varies λ, the capacity correlations, importance and `‖ΔW‖_F` heatmaps per method.
 
     python -m fw_trainer.study.aggregate configs/studies/cpu_minilm.yaml
+    python -m fw_trainer.study.aggregate configs/studies/fisher_controls_{a,b}.yaml --combined_dir results/fisher_controls
 """
 
 import argparse
@@ -30,6 +31,10 @@ from .config import SEED_AXIS, StudyConfig, StudyConfigError
 from .report_figures import run_figures, study_figures
 from .run_metrics import METRICS_FILE, group_key, group_name
 from .statistics import summarize
+
+
+AGGREGATED_METRICS_FILE = "aggregated_metrics.json"
+SIGNIFICANCE_TESTS_FILE = "significance_tests.json"
 
 
 def load_finished_runs(config: StudyConfig) -> list[dict]:
@@ -179,6 +184,20 @@ def markdown_tables(
     return "\n".join(lines) + "\n"
 
 
+def write_combined(written: dict[str, dict], combined_dir: str) -> None:
+    """
+    One `aggregated_metrics.json` and one `significance_tests.json` for a study run as several study files (e.g. its
+    parts), each holding every part's document under the part's name. Each part keeps its own Holm family.
+
+    Args:
+        written (`dict`): Part name (its `results_dir`'s last component) → what [`aggregate_study`] returned for it.
+        combined_dir (`str`): Where the two files go.
+    """
+    for name in (AGGREGATED_METRICS_FILE, SIGNIFICANCE_TESTS_FILE):
+        parts = {part: result["documents"][name] for part, result in written.items()}
+        write_json_atomic(os.path.join(combined_dir, name), {"parts": parts})
+
+
 def aggregate_study(config: StudyConfig, figures: bool = True) -> dict:
     """Writes every artefact listed in the module docstring into `config.results_dir`; returns what it wrote."""
     runs = load_finished_runs(config)
@@ -195,23 +214,24 @@ def aggregate_study(config: StudyConfig, figures: bool = True) -> dict:
     capacity = summarize_capacity(correlations)
     capacity_tests = capacity_comparisons(correlations, config.comparison_pairs, config.comparison_axis)
     header = {"study": config.path, "finished_runs": len(runs), "expected_runs": expected}
-    write_json_atomic(
-        os.path.join(results_dir, "aggregated_metrics.json"),
-        {
+    documents = {
+        AGGREGATED_METRICS_FILE: {
             **header,
             "groups": groups,
             "capacity": capacity,
             "capacity_comparisons": capacity_tests,
             "capacity_per_run": correlations,
         },
-    )
-    write_json_atomic(os.path.join(results_dir, "significance_tests.json"), {**header, "tests": tests})
+        SIGNIFICANCE_TESTS_FILE: {**header, "tests": tests},
+    }
+    for name, document in documents.items():
+        write_json_atomic(os.path.join(results_dir, name), document)
     with open(os.path.join(results_dir, "results.md"), "w") as f:
         if len(runs) < expected:
             f.write(f"**Partial: {len(runs)} of {expected} runs finished.**\n\n")
         f.write(markdown_tables(groups, tests, capacity, capacity_tests))
 
-    written = {"groups": groups, "tests": tests, "capacity": capacity, "figures": []}
+    written = {"groups": groups, "tests": tests, "capacity": capacity, "documents": documents, "figures": []}
     for metrics in runs:
         out_dir = os.path.join(results_dir, "runs", metrics["run"])
         os.makedirs(out_dir, exist_ok=True)
@@ -233,11 +253,26 @@ def main(argv: Optional[list[str]] = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("study", help="The study YAML file that the sweep ran.")
+    parser.add_argument("study", nargs="+", help="The study YAML file(s) that the sweep ran.")
     parser.add_argument("--no_figures", action="store_true", help="Write the tables and statistics only.")
+    parser.add_argument(
+        "--combined_dir",
+        default=None,
+        help="Also write one aggregated_metrics.json and significance_tests.json here, holding each study file's "
+        "under the name of its results_dir (for a study run in parts, e.g. results/fisher_controls).",
+    )
     args = parser.parse_args(argv)
     try:
-        aggregate_study(StudyConfig.from_yaml(args.study), figures=not args.no_figures)
+        configs = [StudyConfig.from_yaml(path) for path in args.study]
+        names = [os.path.basename(os.path.normpath(config.results_dir)) for config in configs]
+        if args.combined_dir and len(set(names)) < len(names):
+            raise StudyConfigError(
+                f"--combined_dir names each part by its results_dir's last component, but {names} repeat one: give "
+                "the study files results_dir values that end differently."
+            )
+        written = {name: aggregate_study(config, figures=not args.no_figures) for name, config in zip(names, configs)}
+        if args.combined_dir:
+            write_combined(written, args.combined_dir)
     except StudyConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
