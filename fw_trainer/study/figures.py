@@ -153,6 +153,6 @@ def correlation_figure(panels: dict[str, dict[str, tuple[Sequence[float], Option
         ax.axhline(0.0, color="grey", linewidth=1)
         ax.set_xticks(range(len(cells)), list(cells), rotation=30, ha="right")
         ax.set_ylim(-1.05, 1.05)
-        ax.set_ylabel("Spearman ρ (dots: seeds; ◆: mean, 95 % CI)")
+        ax.set_ylabel("Spearman ρ")
         ax.set_title(title, fontsize=10)
     return figure

@@ -122,7 +122,9 @@ def study_figures(
             interval = None if summary["ci_low"] is None else (summary["ci_low"], summary["ci_high"])
             cells[context][label] = (values, interval)
         figure = correlation_figure(cells)
-        figure.suptitle("Did capacity move? ρ(F_m, ‖ΔW_m‖ / ‖ΔW_m‖ of LoRA) per run", fontsize=10)
+        figure.suptitle(
+            "Did capacity move? ρ(F_m, ‖ΔW_m‖ / ‖ΔW_m‖ of LoRA); dots: seeds, ◆: mean and 95 % CI", fontsize=10
+        )
         paths += save_figure(figure, os.path.join(figures_dir, "capacity_correlation"))
 
     by_context = defaultdict(lambda: defaultdict(list))
