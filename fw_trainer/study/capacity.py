@@ -14,6 +14,7 @@ penalised, the higher), permuted for the shuffled control and constant (undefine
 from collections import defaultdict
 from typing import Optional
 
+from .comparisons import paired_over_seeds
 from .config import SEED_AXIS
 from .run_metrics import group_key, group_name
 from .statistics import paired_tests, spearman, summarize
@@ -109,24 +110,19 @@ def capacity_comparisons(rows: list[dict], pairs: list[tuple[str, str]], axis: O
         if row["measured_rho"] is not None:
             context = tuple((k, v) for k, v in row["labels"].items() if k not in (axis, SEED_AXIS))
             by_cell[context, row["labels"].get(axis), row["seed"]] = row["measured_rho"]
-    contexts = list(dict.fromkeys(context for context, _, _ in by_cell))
     comparisons = []
-    for a, b in pairs:
-        for context in contexts:
-            seeds = [s for (c, label, s) in by_cell if c == context and label == a and (c, b, s) in by_cell]
-            if not seeds:
-                continue
-            values_a, values_b = [by_cell[context, a, s] for s in seeds], [by_cell[context, b, s] for s in seeds]
-            comparisons.append(
-                {
-                    "group": dict(context),
-                    "a": a,
-                    "b": b,
-                    "seeds": seeds,
-                    "a_values": values_a,
-                    "b_values": values_b,
-                    "difference": summarize([x - y for x, y in zip(values_a, values_b)]),
-                    **paired_tests(values_a, values_b),
-                }
-            )
+    for a, b, context, seeds in paired_over_seeds(by_cell, pairs):
+        values_a, values_b = [by_cell[context, a, s] for s in seeds], [by_cell[context, b, s] for s in seeds]
+        comparisons.append(
+            {
+                "group": dict(context),
+                "a": a,
+                "b": b,
+                "seeds": seeds,
+                "a_values": values_a,
+                "b_values": values_b,
+                "difference": summarize([x - y for x, y in zip(values_a, values_b)]),
+                **paired_tests(values_a, values_b),
+            }
+        )
     return comparisons

@@ -5,7 +5,8 @@ comparison the file lists, in every group.
 """
 
 import os
-from typing import Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import numpy as np
 
@@ -47,6 +48,28 @@ def _correct(run: dict) -> Optional[np.ndarray]:
     return None if table is None else table[:, 1] == table[:, 2]
 
 
+def paired_over_seeds(
+    by_cell: dict[tuple, Any], pairs: list[tuple[str, str]]
+) -> Iterator[tuple[str, str, tuple, list[str]]]:
+    """
+    The pairings of a study's comparisons: for each pair `(a, b)` and each group of the other axes (in first-seen
+    order), the seeds both `a` and `b` have there.
+
+    Args:
+        by_cell (`dict`): `(group of the other axes, label on the compared axis, seed)` → anything.
+        pairs (`list`): The comparisons `(a, b)`.
+
+    Yields:
+        `(a, b, group, seeds)` for every pair and group with at least one seed on both sides.
+    """
+    contexts = list(dict.fromkeys(context for context, _, _ in by_cell))
+    for a, b in pairs:
+        for context in contexts:
+            seeds = [s for (c, label, s) in by_cell if c == context and label == a and (c, b, s) in by_cell]
+            if seeds:
+                yield a, b, context, seeds
+
+
 def _verdict(test: dict) -> str:
     """What the primary test says, in words: a difference at the family-wise level, or not detectable."""
     p = test["t_pvalue_holm"]
@@ -75,38 +98,33 @@ def significance_tests(runs: list[dict], config: StudyConfig) -> list[dict]:
         (tuple((k, v) for k, v in group_key(m) if k != axis), m["labels"][axis], m["labels"].get(SEED_AXIS)): m
         for m in runs
     }
-    contexts = list(dict.fromkeys(context for context, _, _ in by_cell))
     tests = []
-    for a, b in config.comparison_pairs:
-        for context in contexts:
-            seeds = [s for (c, label, s) in by_cell if c == context and label == a and (c, b, s) in by_cell]
-            if not seeds:
-                continue
-            run_a = [by_cell[context, a, s] for s in seeds]
-            run_b = [by_cell[context, b, s] for s in seeds]
-            values_a, values_b = [m["final_metric"] for m in run_a], [m["final_metric"] for m in run_b]
-            differences = np.subtract(values_a, values_b)
-            entry = {
-                "group": dict(context),
-                "axis": axis,
-                "a": a,
-                "b": b,
-                "metric_name": run_a[0]["metric_name"],
-                "compared": "final dev metric",
-                "seeds": seeds,
-                "a_values": values_a,
-                "b_values": values_b,
-                **paired_tests(values_a, values_b),
-                "difference": summarize(differences),
-                "bootstrap": bootstrap_mean_ci(differences),
-                "minimum_detectable_difference": minimum_detectable_difference(differences, ALPHA, POWER),
-                "mcnemar": [],
-            }
-            for seed, one, two in zip(seeds, run_a, run_b):
-                correct_one, correct_two = _correct(one), _correct(two)
-                if correct_one is not None and correct_two is not None:
-                    entry["mcnemar"].append({"seed": seed, **mcnemar(correct_one, correct_two)})
-            tests.append(entry)
+    for a, b, context, seeds in paired_over_seeds(by_cell, config.comparison_pairs):
+        run_a = [by_cell[context, a, s] for s in seeds]
+        run_b = [by_cell[context, b, s] for s in seeds]
+        values_a, values_b = [m["final_metric"] for m in run_a], [m["final_metric"] for m in run_b]
+        differences = np.subtract(values_a, values_b)
+        entry = {
+            "group": dict(context),
+            "axis": axis,
+            "a": a,
+            "b": b,
+            "metric_name": run_a[0]["metric_name"],
+            "compared": "final dev metric",
+            "seeds": seeds,
+            "a_values": values_a,
+            "b_values": values_b,
+            **paired_tests(values_a, values_b),
+            "difference": summarize(differences),
+            "bootstrap": bootstrap_mean_ci(differences),
+            "minimum_detectable_difference": minimum_detectable_difference(differences, ALPHA, POWER),
+            "mcnemar": [],
+        }
+        for seed, one, two in zip(seeds, run_a, run_b):
+            correct_one, correct_two = _correct(one), _correct(two)
+            if correct_one is not None and correct_two is not None:
+                entry["mcnemar"].append({"seed": seed, **mcnemar(correct_one, correct_two)})
+        tests.append(entry)
     for key in ("t_pvalue", "wilcoxon_pvalue"):
         for test, adjusted in zip(tests, holm_bonferroni([test[key] for test in tests])):
             test[f"{key}_holm"] = adjusted
