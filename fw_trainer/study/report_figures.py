@@ -113,8 +113,7 @@ def study_figures(
         summaries = {row["group"]: row["measured_rho"] for row in capacity}
         cells = defaultdict(dict)
         for row in correlations:
-            group = next(g for g in groups if g["name"] == row["group"])
-            context, label = _split(tuple(group["group"].items()), axis)
+            context, label = _split(tuple((k, v) for k, v in row["labels"].items() if k != SEED_AXIS), axis)
             values, _ = cells[context].get(label, ([], None))
             if row["measured_rho"] is not None:
                 values = values + [row["measured_rho"]]
