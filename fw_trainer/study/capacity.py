@@ -16,7 +16,7 @@ from typing import Optional
 
 from .comparisons import paired_over_seeds
 from .config import SEED_AXIS
-from .run_metrics import group_key, group_name
+from .run_metrics import comparison_context, group_key, group_name
 from .statistics import paired_tests, spearman, summarize
 
 
@@ -25,7 +25,7 @@ BASELINE_METHOD = "lora"
 
 
 def _context(metrics: dict, axis: str) -> tuple:
-    return tuple((k, v) for k, v in group_key(metrics) if k != axis), metrics["labels"].get(SEED_AXIS)
+    return comparison_context(metrics["labels"], axis), metrics["labels"].get(SEED_AXIS)
 
 
 def capacity_correlations(runs: list[dict], axis: Optional[str]) -> list[dict]:
@@ -108,8 +108,9 @@ def capacity_comparisons(rows: list[dict], pairs: list[tuple[str, str]], axis: O
     by_cell = {}
     for row in rows:
         if row["measured_rho"] is not None:
-            context = tuple((k, v) for k, v in row["labels"].items() if k not in (axis, SEED_AXIS))
-            by_cell[context, row["labels"].get(axis), row["seed"]] = row["measured_rho"]
+            by_cell[comparison_context(row["labels"], axis), row["labels"].get(axis), row["seed"]] = row[
+                "measured_rho"
+            ]
     comparisons = []
     for a, b, context, seeds in paired_over_seeds(by_cell, pairs):
         values_a, values_b = [by_cell[context, a, s] for s in seeds], [by_cell[context, b, s] for s in seeds]

@@ -13,7 +13,7 @@ import numpy as np
 from ..glue.data import GLUE_LABEL_NAMES
 from ..glue.run_outputs import EVAL_PREDICTIONS_FILE
 from .config import SEED_AXIS, StudyConfig
-from .run_metrics import group_key
+from .run_metrics import comparison_context
 from .statistics import (
     bootstrap_mean_ci,
     holm_bonferroni,
@@ -94,10 +94,7 @@ def significance_tests(runs: list[dict], config: StudyConfig) -> list[dict]:
         and `mcnemar` (one [`mcnemar`] per seed with predictions on both sides).
     """
     axis = config.comparison_axis
-    by_cell = {
-        (tuple((k, v) for k, v in group_key(m) if k != axis), m["labels"][axis], m["labels"].get(SEED_AXIS)): m
-        for m in runs
-    }
+    by_cell = {(comparison_context(m["labels"], axis), m["labels"][axis], m["labels"].get(SEED_AXIS)): m for m in runs}
     tests = []
     for a, b, context, seeds in paired_over_seeds(by_cell, config.comparison_pairs):
         run_a = [by_cell[context, a, s] for s in seeds]

@@ -111,6 +111,14 @@ def group_key(metrics: dict) -> tuple[tuple[str, str], ...]:
     return tuple((axis, label) for axis, label in metrics["labels"].items() if axis != SEED_AXIS)
 
 
+def comparison_context(labels: dict[str, str], axis: str) -> tuple[tuple[str, str], ...]:
+    """
+    The labels of a run on every axis but the seed's and the compared `axis`: runs paired in a comparison share it
+    (`(("task", "sst2"),)` for `lora` against `fisher_max` on SST-2).
+    """
+    return tuple((name, label) for name, label in labels.items() if name not in (axis, SEED_AXIS))
+
+
 def group_name(key: tuple[tuple[str, str], ...]) -> str:
     """`sst2/fisher_max`: a cell's labels joined."""
     return "/".join(label for _, label in key)
