@@ -2,6 +2,7 @@
 
 import json
 import math
+import time
 
 import pytest
 import yaml
@@ -268,3 +269,19 @@ def test_a_study_in_parts_gets_combined_files(study, tmp_path, capsys):
     clash.write_text(yaml.safe_dump({**spec, "results_dir": str(tmp_path / "elsewhere" / "results")}))
     assert main([study.path, str(clash), "--no_figures", "--combined_dir", str(combined)]) == 2
     assert "repeat one" in capsys.readouterr().err
+
+
+def test_saved_figures_do_not_change_when_nothing_in_them_does(tmp_path):
+    # Committed results are re-aggregated every session: a figure whose bytes change with the clock (the PDF's
+    # CreationDate) shows up as a change in git although its data did not.
+    from matplotlib.figure import Figure
+
+    from fw_trainer.study.figures import save_figure
+
+    figure = Figure()
+    figure.add_subplot().plot([0, 1], [1, 0])
+    first = [open(path, "rb").read() for path in save_figure(figure, str(tmp_path / "one" / "plot"))]
+    time.sleep(1.1)  # the PDF's date has a resolution of one second
+    second = [open(path, "rb").read() for path in save_figure(figure, str(tmp_path / "two" / "plot"))]
+    assert first == second
+    assert b"CreationDate" not in first[1]

@@ -16,11 +16,14 @@ FROZEN_MARK_LABEL = "importances frozen"
 
 
 def save_figure(figure: Figure, path_stem: str) -> list[str]:
-    """Saves `figure` as `<path_stem>.png` (150 dpi) and `<path_stem>.pdf`; returns the two paths."""
+    """
+    Saves `figure` as `<path_stem>.png` (150 dpi) and `<path_stem>.pdf`; returns the two paths. Neither file records
+    when it was written, so re-aggregating unchanged runs leaves committed figures byte for byte as they were.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path_stem)), exist_ok=True)
     paths = [f"{path_stem}.png", f"{path_stem}.pdf"]
     figure.savefig(paths[0], dpi=150, bbox_inches="tight")
-    figure.savefig(paths[1], bbox_inches="tight")
+    figure.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None})
     return paths
 
 
