@@ -108,9 +108,8 @@ def capacity_comparisons(rows: list[dict], pairs: list[tuple[str, str]], axis: O
     by_cell = {}
     for row in rows:
         if row["measured_rho"] is not None:
-            by_cell[comparison_context(row["labels"], axis), row["labels"].get(axis), row["seed"]] = row[
-                "measured_rho"
-            ]
+            labels = row["labels"]
+            by_cell[comparison_context(labels, axis), labels.get(axis), row["seed"]] = row["measured_rho"]
     comparisons = []
     for a, b, context, seeds in paired_over_seeds(by_cell, pairs):
         values_a, values_b = [by_cell[context, a, s] for s in seeds], [by_cell[context, b, s] for s in seeds]
