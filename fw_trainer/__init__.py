@@ -1,7 +1,5 @@
 """Fisher-Weighted LoRA (FW-LoRA) for Hugging Face `Trainer` and `peft`."""
 
-from importlib.metadata import version
-
 from .adalora_callback import AdaLoraAllocationCallback
 from .adapted_matrices import AdaptedMatrix, find_adapted_matrices
 from .arguments import FWLoraArguments
@@ -15,9 +13,7 @@ from .measurement import compile_stats, reset_compile_stats
 from .model_builder import AdapterSummary, build_peft_model, rank_for_budget, resolve_target_modules
 from .penalty import FisherWeightedPenalty
 from .trainer import FWLoraTrainer
-
-
-__version__ = version("fw-lora")
+from .version import __version__ as __version__  # re-exported
 
 
 __all__ = [

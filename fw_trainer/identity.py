@@ -8,7 +8,6 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import fields
-from importlib.metadata import version
 from typing import Any, Optional
 
 import peft
@@ -20,6 +19,7 @@ from transformers import TrainingArguments
 from .arguments import FWLoraArguments
 from .errors import ABSENT, RunMismatchError
 from .state_files import OBJECT_SCHEMA, RUN_IDENTITY_FILE, read_state_file, write_json_atomic
+from .version import __version__
 
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def run_identity(
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
-        "fw-lora": version("fw-lora"),
+        "fw-lora": __version__,
         "world_size": args.world_size,
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
     }

@@ -108,9 +108,35 @@ def test_no_module_shares_its_name_with_a_package_attribute():
     assert not {name for name in fw_trainer.__all__ if f"fw_trainer.{name}" in MODULES}
 
 
-def test_version_comes_from_the_package_metadata():
+def test_version_has_one_source_that_the_package_metadata_reads():
     import fw_trainer
 
     assert fw_trainer.__version__ == importlib.metadata.version("fw-lora")
     # Nothing imports it back up from `__init__` (a module of the package reading its own package).
     assert not [name for name, imported in ALL_IMPORTS.items() if "fw_trainer.__version__" in imported]
+
+
+def test_a_source_checkout_that_is_not_installed_imports_and_names_its_version(tmp_path):
+    """`PYTHONPATH=/path/to/checkout python run_glue_fw.py ...` (a checkout used without `pip install`) has no package
+    metadata for fw-lora: importing the package and writing a run identity must not need it."""
+    script = f"""
+import importlib.metadata, sys
+real_version = importlib.metadata.version
+def version(name):
+    if name == "fw-lora":
+        raise importlib.metadata.PackageNotFoundError(name)
+    return real_version(name)
+importlib.metadata.version = version
+sys.path.insert(0, {str(PACKAGE.parent)!r})
+import fw_trainer
+from fw_trainer.study.code_revision import code_revision
+from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+arguments = (fw_trainer.FWLoraArguments(method="full"), TrainingArguments(output_dir={str(tmp_path)!r}))
+identity = fw_trainer.run_identity(BertForSequenceClassification(config), *arguments)
+print(fw_trainer.__version__, identity["environment"]["fw-lora"], code_revision({str(tmp_path)!r})["fw-lora"])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = importlib.metadata.version("fw-lora")
+    assert done.stdout.split() == [expected] * 3

@@ -3,8 +3,9 @@ can show which commit every run came from."""
 
 import os
 import subprocess
-from importlib.metadata import version
 from typing import Optional
+
+from ..version import __version__
 
 
 def code_revision(source_dir: Optional[str] = None) -> dict[str, object]:
@@ -29,5 +30,5 @@ def code_revision(source_dir: Optional[str] = None) -> dict[str, object]:
 
     commit = git("rev-parse", "HEAD")
     if commit is None:
-        return {"fw-lora": version("fw-lora")}
+        return {"fw-lora": __version__}
     return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
