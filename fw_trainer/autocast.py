@@ -14,6 +14,13 @@ def autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager
     CUDA (another thread) but inside it on the CPU when `backward()` is called under autocast. Disabling it explicitly
     gives the same precision in every case. Device types without autocast (`meta`) get a no-op context.
     """
-    if torch.amp.is_autocast_available(device.type):
+    if _has_autocast(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+@torch.compiler.assume_constant_result
+def _has_autocast(device_type: str) -> bool:
+    # Evaluated once while tracing and kept as a constant: Dynamo before torch 2.13 cannot trace the C function behind
+    # `is_autocast_available` and broke the compiled warm-up's graph at every adapted layer on it.
+    return torch.amp.is_autocast_available(device_type)
