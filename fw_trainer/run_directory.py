@@ -40,6 +40,7 @@ RUN_OUTPUTS = (
     "adalora_rank_pattern.json",
     "adapter_summary.json",
     "delta_weight_norms.json",
+    "run_environment.json",
     "hpo_results.json",
     "adapter_model.safetensors",
     "adapter_model.bin",

@@ -210,6 +210,11 @@ def test_every_method_trains_and_evaluates_sst2(method, tiny_model_dir, glue_dir
         assert results["adapter_params"] == summary["adapter_params"]
     assert (out / "fw_importance.json").is_file() == (method in ("fw_lora", "iw_lora"))
     assert (out / "adalora_rank_pattern.json").is_file() == (method == "adalora")
+    # The size of the saved weights (the whole model's for full fine-tuning) and the hardware, beside the results.
+    environment = read_json(out / "run_environment.json")
+    weights = out / ("model.safetensors" if method == "full" else "adapter_model.safetensors")
+    assert environment["adapter_file_bytes"] == os.path.getsize(weights)
+    assert environment["hardware"]["device_type"] == "cpu" and environment["world_size"] == 1
 
     # TensorBoard is on by default: the scalars come back through TensorBoard's own reader.
     event_files = glob.glob(str(out / "runs" / "**" / "events.out.tfevents.*"), recursive=True)

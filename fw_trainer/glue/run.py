@@ -40,6 +40,7 @@ from .run_outputs import (
     write_delta_weight_norms,
     write_eval_predictions,
     write_predict_results,
+    write_run_environment,
 )
 
 
@@ -298,6 +299,9 @@ def run(
         trainer.save_model()  # Saves the tokenizer too for easy upload
         if fw_args.uses_lora and trainer.is_world_process_zero():
             write_delta_weight_norms(training_args.output_dir, trainer.model)
+        if trainer.is_world_process_zero():
+            # The size of what was just saved, and where it trained.
+            write_run_environment(training_args.output_dir, training_args.device, training_args.world_size)
 
         trainer.log_metrics("train", metrics)
         # A run that diverged keeps its files but is not finished: it gets no all_results.json.

@@ -8,7 +8,8 @@ Aggregates a finished (or partly finished) study into the artefacts of a paper, 
 - `significance_tests.json`: the study's comparisons (`fw_trainer.study.comparisons`), paired over seeds (t-test and
   Wilcoxon with Holm-adjusted p-values, t and bootstrap intervals of the difference, the smallest detectable
   difference) and per seed (McNemar);
-- `results.md`: all three as Markdown tables;
+- `results.md`: all three as Markdown tables (with each cell's adapter file size and the hardware, for runs that
+  recorded them);
 - `figures/`: dev metric bars with 95 % intervals and the seeds, train time and peak memory, the dose-response of a
   study that varies λ, the capacity correlations, importance and `‖ΔW‖_F` heatmaps per method.
 
@@ -57,7 +58,9 @@ def aggregate_groups(runs: list[dict]) -> list[dict]:
     Returns:
         `list[dict]`: `group` (axis → label), `name`, `metric_name`, `seeds`, per-seed `final` and `best` values and,
         from [`summarize`], `final_metric`, `best_metric`, `train_runtime` and `train_peak_memory_mb` summaries, plus
-        `adapter_params`.
+        `adapter_params`; where its runs recorded them (`run_environment.json`), `adapter_file_bytes` and `hardware`
+        (the device names they trained on, sorted). Runs that predate that file give a group without these two keys,
+        as before.
     """
     groups = defaultdict(list)
     for metrics in runs:
@@ -65,25 +68,31 @@ def aggregate_groups(runs: list[dict]) -> list[dict]:
     rows = []
     for key, members in groups.items():
         adapter = members[0].get("adapter") or {}
-        rows.append(
-            {
-                "group": dict(key),
-                "name": group_name(key),
-                "task_name": members[0]["task_name"],
-                "method": members[0]["args"].get("method"),
-                "metric_name": members[0]["metric_name"],
-                "seeds": [m["labels"].get(SEED_AXIS) for m in members],
-                "final": [m["final_metric"] for m in members],
-                "best": [m["best_metric"] for m in members],
-                "final_metric": summarize([m["final_metric"] for m in members]),
-                "best_metric": summarize([m["best_metric"] for m in members]),
-                "train_runtime": summarize([m["train_runtime"] for m in members if m["train_runtime"] is not None]),
-                "train_peak_memory_mb": summarize(
-                    [m["train_peak_memory_mb"] for m in members if m["train_peak_memory_mb"] is not None]
-                ),
-                "adapter_params": adapter.get("adapter_params"),
-            }
-        )
+        row = {
+            "group": dict(key),
+            "name": group_name(key),
+            "task_name": members[0]["task_name"],
+            "method": members[0]["args"].get("method"),
+            "metric_name": members[0]["metric_name"],
+            "seeds": [m["labels"].get(SEED_AXIS) for m in members],
+            "final": [m["final_metric"] for m in members],
+            "best": [m["best_metric"] for m in members],
+            "final_metric": summarize([m["final_metric"] for m in members]),
+            "best_metric": summarize([m["best_metric"] for m in members]),
+            "train_runtime": summarize([m["train_runtime"] for m in members if m["train_runtime"] is not None]),
+            "train_peak_memory_mb": summarize(
+                [m["train_peak_memory_mb"] for m in members if m["train_peak_memory_mb"] is not None]
+            ),
+            "adapter_params": adapter.get("adapter_params"),
+        }
+        # The same for every seed of a cell: the first run that recorded it speaks for it.
+        sizes = [m["adapter_file_bytes"] for m in members if m.get("adapter_file_bytes") is not None]
+        if sizes:
+            row["adapter_file_bytes"] = sizes[0]
+        devices = sorted({m["hardware"]["device_name"] for m in members if m.get("hardware")})
+        if devices:
+            row["hardware"] = devices
+        rows.append(row)
     return rows
 
 
@@ -109,21 +118,33 @@ def markdown_tables(
     capacity: Optional[list[dict]] = None,
     capacity_tests: Optional[list[dict]] = None,
 ) -> str:
-    """The tables of `results.md`: metrics per group, the comparisons, the capacity correlations per cell and the
-    comparisons of those correlations."""
-    lines = [
+    """The tables of `results.md`: metrics per group (with the adapter file size and the hardware where the runs
+    recorded them: one line above the table when every group trained on the same device, else a column), the
+    comparisons, the capacity correlations per cell and the comparisons of those correlations."""
+    file_sizes = any("adapter_file_bytes" in row for row in groups)
+    devices = {", ".join(row["hardware"]) for row in groups if "hardware" in row}
+    hardware_column = len(devices) > 1 or (bool(devices) and any("hardware" not in row for row in groups))
+    lines = [f"Hardware: {devices.pop()}.", ""] if devices and not hardware_column else []
+    extra_columns = (" adapter file (MB) |" if file_sizes else "") + (" hardware |" if hardware_column else "")
+    lines += [
         "| group | metric | n | final dev (mean ± std) | 95 % CI | best dev (mean ± std) | train time (s) | peak memory (MB) "
-        "| adapter params |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| adapter params |" + extra_columns,
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * extra_columns.count("|"),
     ]
     for row in groups:
         final = row["final_metric"]
         ci = "–" if final["ci_low"] is None else f"[{final['ci_low']:.4f}, {final['ci_high']:.4f}]"
         params = "–" if row["adapter_params"] is None else f"{row['adapter_params']:,}"
+        extra = ""
+        if file_sizes:
+            size = row.get("adapter_file_bytes")
+            extra += " – |" if size is None else f" {size / 2**20:.2f} |"
+        if hardware_column:
+            extra += f" {', '.join(row.get('hardware', [])) or '–'} |"
         lines.append(
             f"| {row['name']} | {row['metric_name']} | {final['n']} | {_format(final)} | {ci} | "
             f"{_format(row['best_metric'])} | {_format(row['train_runtime'], 1)} | "
-            f"{_format(row['train_peak_memory_mb'], 0)} | {params} |"
+            f"{_format(row['train_peak_memory_mb'], 0)} | {params} |" + extra
         )
     if tests:
         lines += [

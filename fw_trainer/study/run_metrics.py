@@ -12,6 +12,7 @@ from ..glue.run_outputs import (
     ALL_RESULTS_FILE,
     DELTA_WEIGHT_NORMS_FILE,
     EVAL_PREDICTIONS_FILE,
+    RUN_ENVIRONMENT_FILE,
     TRAINER_STATE_FILE,
 )
 from ..state_files import IMPORTANCE_FILE
@@ -47,7 +48,8 @@ def collect_run_metrics(run_dir: str, task_name: Optional[str], extra: Optional[
         `train_loss_history` (step, epoch, value), `train_runtime`, `train_samples_per_second`,
         `train_peak_memory_mb` and its kind, the adapter summary, the frozen FW-LoRA importances and the step they
         froze at (`frozen_at_step`: 0 for IW-LoRA's calibration before the first step; both `None` for a method
-        without them), the end-of-training `‖ΔW‖_F` per matrix (or `None`) and the file names of the dev predictions.
+        without them), the end-of-training `‖ΔW‖_F` per matrix (or `None`), the file names of the dev predictions, and
+        `adapter_file_bytes` and `hardware` from `run_environment.json` (both `None` for a run that predates it).
 
     Raises:
         `FileNotFoundError`: If the run has not finished (no `all_results.json`).
@@ -75,6 +77,7 @@ def collect_run_metrics(run_dir: str, task_name: Optional[str], extra: Optional[
     best = (min if lower_is_better else max)(eval_history, key=lambda e: e[metric], default=None)
 
     importance = artifacts["importance"]
+    environment = artifacts["run_environment"] or {}
     frozen = importance is not None and importance.get("frozen")
     metrics = {
         "task_name": task_name,
@@ -97,6 +100,8 @@ def collect_run_metrics(run_dir: str, task_name: Optional[str], extra: Optional[
         "frozen_at_step": importance["frozen_at_step"] if frozen else None,
         "delta_weight_norms": artifacts["delta_weight_norms"],
         "eval_predictions": artifacts["eval_predictions"],
+        "adapter_file_bytes": environment.get("adapter_file_bytes"),
+        "hardware": environment.get("hardware"),
     }
     metrics.update(extra or {})
     return metrics
@@ -142,7 +147,8 @@ def read_run_artifacts(run_dir: str) -> dict[str, Any]:
     Returns:
         `dict`: `all_results` (`all_results.json`), `trainer_state` (`trainer_state.json`), `importance`
         (`fw_importance.json`, with `frozen_at_step`), `adapter_summary` (`adapter_summary.json`),
-        `delta_weight_norms` (`delta_weight_norms.json`), each `None` when the run did not write it, and
+        `delta_weight_norms` (`delta_weight_norms.json`), `run_environment` (`run_environment.json`), each `None` when
+        the run did not write it, and
         `eval_predictions`: the names of its `eval_predictions_{task}.tsv` files, sorted.
     """
     prefix, suffix = EVAL_PREDICTIONS_FILE.split("{task}")
@@ -152,5 +158,6 @@ def read_run_artifacts(run_dir: str) -> dict[str, Any]:
         "importance": _read_json(os.path.join(run_dir, IMPORTANCE_FILE)),
         "adapter_summary": _read_json(os.path.join(run_dir, ADAPTER_SUMMARY_FILE)),
         "delta_weight_norms": _read_json(os.path.join(run_dir, DELTA_WEIGHT_NORMS_FILE)),
+        "run_environment": _read_json(os.path.join(run_dir, RUN_ENVIRONMENT_FILE)),
         "eval_predictions": sorted(f for f in os.listdir(run_dir) if f.startswith(prefix) and f.endswith(suffix)),
     }
