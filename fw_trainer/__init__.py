@@ -12,7 +12,8 @@ from .importance import bias_corrected, ema_update, normalize_importances
 from .measurement import compile_stats, reset_compile_stats
 from .model_builder import AdapterSummary, build_peft_model, rank_for_budget, resolve_target_modules
 from .penalty import FisherWeightedPenalty
-from .trainer import FWLoraTrainer
+from .trainer import FWLoraTrainer, fw_lora_trainer_class
+from .trainer_mixin import FWLoraTrainerMixin
 from .version import __version__ as __version__  # re-exported
 
 
@@ -23,6 +24,7 @@ __all__ = [
     "CheckpointError",
     "FWLoraArguments",
     "FWLoraTrainer",
+    "FWLoraTrainerMixin",
     "FisherEstimator",
     "FisherWarmupCallback",
     "FisherWeightedPenalty",
@@ -34,6 +36,7 @@ __all__ = [
     "compile_stats",
     "ema_update",
     "find_adapted_matrices",
+    "fw_lora_trainer_class",
     "last_complete_checkpoint",
     "normalize_importances",
     "rank_for_budget",

@@ -1,24 +1,76 @@
-"""Discovery of the frozen weight matrices that carry a LoRA adapter in a peft model."""
+"""
+Discovery of the frozen weight matrices that carry the LoRA adapter being trained in a peft model, and the refusal of
+every adapter setup on which FW-LoRA's measurement (`‖∇W‖²`) or penalty (`‖ΔW‖²`) would not be exact.
+"""
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
+from peft import LoraConfig
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import UsageError
 
 
 # peft prefixes every module name with these; users read names as they appear in the base model.
 _PEFT_PREFIXES = ("base_model.model.", "module.")
 
+# `LoraConfig` fields whose value, whatever it is, leaves `y = base(x) + s · B A x` with the pretrained `W` in `base`:
+# the form under which the Fisher tap measures `‖∇W‖²` exactly and `ΔW = s B A` is the change from the pretrained weight.
+# Every other field must keep its default (see [`check_lora_config`]): an option peft adds later is refused until it
+# is checked, never assumed to work.
+MEASURED_LORA_OPTIONS = frozenset(
+    {
+        "task_type",
+        "peft_type",
+        "auto_mapping",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "r",
+        "target_modules",
+        "exclude_modules",
+        "lora_alpha",
+        "lora_dropout",
+        "fan_in_fan_out",  # GPT-2's Conv1D: W stored d_in × d_out, the same ‖∇W‖ and ‖ΔW‖
+        "bias",  # which biases train; W and ΔW are unchanged
+        "use_rslora",  # scaling α/√r, read from the layer
+        "modules_to_save",
+        "layers_to_transform",
+        "layers_pattern",
+        "rank_pattern",  # per-matrix r and α, read from each layer
+        "alpha_pattern",
+        "runtime_config",
+        "ensure_weight_tying",
+        "trainable_token_indices",  # trains embedding rows apart from the adapted matrices
+        # Settings of initialisations that are refused anyway unless `init_lora_weights` selects them.
+        "loftq_config",
+        "eva_config",
+        "corda_config",
+        "lora_ga_config",
+    }
+)
+# `init_lora_weights` values that leave the base weight as pretrained (B = 0, or a random B): anything else (PiSSA,
+# OLoRA, EVA, CorDA, LoftQ, LoRA-GA, orthogonal, ...) rewrites `W` to `W − s B₀ A₀` (or a quantised `W`), so that the
+# change from the pretrained weight is no longer `s B A` and the frozen matrix is no longer the pretrained one.
+MEASURED_INITIALISATIONS = (True, False, "gaussian")
+
 
 @dataclass(frozen=True)
 class AdaptedMatrix:
     """
-    A frozen pretrained `nn.Linear` weight `W` (`d_out × d_in`) and the LoRA adapter `ΔW = scaling · B A` on it.
+    A frozen pretrained weight `W` and the LoRA adapter `ΔW = scaling · B A` on it. `W` is an `nn.Linear` weight
+    (`d_out × d_in`) or a GPT-2 style `Conv1D` weight (stored `d_in × d_out`, peft's `fan_in_fan_out`): `‖∇W‖_F`,
+    `‖ΔW‖_F`, `d_out` and `d_in` do not depend on the layout.
 
     Args:
         name (`str`): Module name in the base model, e.g. `roberta.encoder.layer.0.attention.self.query`.
-        layer (`peft.tuners.lora.LoraLayer`): The peft layer wrapping the frozen linear layer.
+        layer (`peft.tuners.lora.Linear`): The peft layer wrapping the frozen layer.
         adapter_name (`str`): The adapter whose `A` and `B` are used.
     """
 
@@ -44,11 +96,11 @@ class AdaptedMatrix:
 
     @property
     def d_out(self) -> int:
-        return self.base_weight.shape[0]
+        return self.layer.out_features
 
     @property
     def d_in(self) -> int:
-        return self.base_weight.shape[1]
+        return self.layer.in_features
 
     @property
     def r(self) -> int:
@@ -66,23 +118,163 @@ def strip_peft_prefix(name: str) -> str:
     return name
 
 
-def find_adapted_matrices(model: nn.Module, adapter_name: str = "default") -> list[AdaptedMatrix]:
+def matrix_shape(module: nn.Module) -> Optional[tuple[int, int]]:
     """
-    Every linear weight of `model` that carries the LoRA adapter `adapter_name`, in module order.
+    `(d_out, d_in)` of a linear layer, whatever its weight's layout: an `nn.Linear` (or a subclass, such as
+    bitsandbytes' `Linear4bit`, whose packed weight has another shape) from `out_features`/`in_features`, a GPT-2 style
+    `Conv1D` from its `d_in × d_out` weight; `None` for any other module.
+    """
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, Conv1D):
+        d_in, d_out = module.weight.shape
+        return d_out, d_in
+    return None
 
-    Only peft `LoraLayer`s wrapping an `nn.Linear` count: LayerNorms, embeddings and the classifier head (trained in
-    full through `modules_to_save`) never take part in the Fisher proxy or the penalty.
+
+def _peft_configs(model: nn.Module) -> dict[str, Any]:
+    """The adapters' configs of a peft model (also inside DDP, accelerate or `torch.compile` wrappers), or `{}`."""
+    for module in model.modules():
+        configs = getattr(module, "peft_config", None)
+        if isinstance(configs, dict):
+            return configs
+    return {}
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    """Every peft `LoraLayer` of `model` (any adapter, any layer type), by module name in the base model."""
+    return [(strip_peft_prefix(name), m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def active_lora_adapter(model: nn.Module, adapter_name: Optional[str] = None) -> str:
     """
-    matrices = []
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+    The LoRA adapter that trains: the one adapter active in the model's LoRA layers (`set_adapter`), whatever its name.
+
+    Args:
+        model (`nn.Module`): A peft LoRA model, possibly wrapped.
+        adapter_name (`str`, *optional*): The adapter expected; refused if it is not the active one.
+
+    Raises:
+        `UsageError`: If the model has no LoRA layer, several adapters are active at once, or `adapter_name` is not active.
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise UsageError(
+            f"The model ({type(model).__name__}) has no LoRA adapter, so there is nothing for LoRA or FW-LoRA to train. "
+            "Wrap it with `peft.get_peft_model(model, LoraConfig(...))` (or `fw_trainer.build_peft_model`) first, or "
+            "train it with `method='full'`."
+        )
+    active = list(dict.fromkeys(name for _, layer in layers for name in layer.active_adapters if name in layer.lora_A))
+    if len(active) != 1:
+        found = ", ".join(repr(name) for name in active) or "none"
+        raise UsageError(
+            f"FW-LoRA measures and penalises one LoRA adapter, the one that trains, but the model has {len(active)} "
+            f"active LoRA adapters ({found}). Activate the adapter to train alone with `model.set_adapter(name)`."
+        )
+    if adapter_name is not None and adapter_name != active[0]:
+        raise UsageError(
+            f"The LoRA adapter {adapter_name!r} was asked for, but the adapter that is active (and trains) is "
+            f"{active[0]!r}. Activate it with `model.set_adapter({adapter_name!r})`, or leave `adapter_name` unset to "
+            "use the active one."
+        )
+    return active[0]
+
+
+def check_lora_config(config: Any, adapter_name: str) -> None:
+    """
+    Refuses an adapter config on which FW-LoRA would not be exact: any type but `LoraConfig`, any initialisation
+    that rewrites the base weight (`init_lora_weights` other than `MEASURED_INITIALISATIONS`), and any other field
+    outside `MEASURED_LORA_OPTIONS` set away from its default (DoRA, a LoRA bias, QA-LoRA, layer replication, target
+    parameters, Megatron layers, and every option peft adds later).
+
+    Raises:
+        `UsageError`: Naming the adapter and the option(s), and saying what to do.
+    """
+    advice = (
+        "Train it as a baseline with `method='lora'` (nothing is measured or penalised there), or use a plain LoRA "
+        "adapter for FW-LoRA."
+    )
+    if type(config) is not LoraConfig:
+        raise UsageError(
+            f"FW-LoRA measures and penalises plain LoRA adapters (`peft.LoraConfig`), but adapter {adapter_name!r} is "
+            f"a {type(config).__name__}. {advice}"
+        )
+    defaults = LoraConfig()
+    options = []
+    if config.init_lora_weights not in MEASURED_INITIALISATIONS:
+        options.append(f"init_lora_weights={config.init_lora_weights!r}")
+    for field in dataclasses.fields(config):
+        if field.name in MEASURED_LORA_OPTIONS or field.name == "init_lora_weights":
             continue
-        if not isinstance(module.get_base_layer(), nn.Linear):
-            raise ValueError(
-                f"FW-LoRA supports LoRA on `nn.Linear` layers only, but `{strip_peft_prefix(name)}` wraps a "
-                f"{type(module.get_base_layer()).__name__}. Remove it from `lora_target_modules`."
+        value = getattr(config, field.name)
+        if value != getattr(defaults, field.name):
+            options.append(f"{field.name}={value!r}")
+    if options:
+        raise UsageError(
+            f"FW-LoRA cannot measure or penalise adapter {adapter_name!r} exactly with {', '.join(options)}: its "
+            "Fisher tap assumes `y = W x + s·B A x` with the pretrained W, and its penalty that `s·B A` is the change "
+            "from the pretrained weight (DoRA rescales each output row by a trained magnitude; PiSSA, OLoRA, EVA, "
+            f"CorDA and LoftQ rewrite W). {advice}"
+        )
+
+
+def _check_layer(name: str, layer: LoraLayer, adapter_name: str) -> None:
+    """Refuses a LoRA layer on which FW-LoRA would not be exact (see [`find_adapted_matrices`])."""
+    base = layer.get_base_layer()
+    shape = matrix_shape(base)
+    if type(layer) is not LoraLinear or shape is None:
+        raise UsageError(
+            f"FW-LoRA supports LoRA on `nn.Linear` and GPT-2 style `Conv1D` layers only, but `{name}` is a "
+            f"{type(layer).__name__} on a {type(base).__name__}. Remove it from the LoRA targets "
+            "(`lora_target_modules`)."
+        )
+    weight = base.weight
+    expected = shape if not isinstance(base, Conv1D) else shape[::-1]
+    if not weight.is_floating_point() or tuple(weight.shape) != expected:
+        raise UsageError(
+            f"`{name}` ({type(base).__name__}) holds a quantised or packed weight (dtype {weight.dtype}, shape "
+            f"{tuple(weight.shape)} for a {shape[0]} x {shape[1]} matrix): FW-LoRA's Fisher tap and penalty are "
+            "tested on floating-point bases only, and quantised bases are refused rather than assumed to work. Load "
+            "the base model in bf16/fp16/fp32, or train the quantised model as a `method='lora'` baseline."
+        )
+    for option, flags in (("use_dora", layer.use_dora), ("lora_bias", layer.lora_bias)):
+        if flags.get(adapter_name, False):
+            raise UsageError(
+                f"FW-LoRA cannot measure or penalise adapter {adapter_name!r} exactly with {option}=True (at `{name}`). "
+                "Train it as a baseline with `method='lora'`, or use a plain LoRA adapter for FW-LoRA."
             )
-        matrices.append(AdaptedMatrix(strip_peft_prefix(name), module, adapter_name))
+    if layer.merged or layer.disable_adapters:
+        raise UsageError(
+            f"The LoRA adapter at `{name}` is {'merged into the base weight' if layer.merged else 'disabled'}: "
+            "nothing of it trains. Unmerge it (`model.unmerge_adapter()`) or enable it before training."
+        )
+
+
+def find_adapted_matrices(model: nn.Module, adapter_name: Optional[str] = None) -> list[AdaptedMatrix]:
+    """
+    Every weight matrix of `model` that carries the LoRA adapter being trained, in module order, after checking that
+    FW-LoRA measures and penalises it exactly.
+
+    Only peft LoRA layers on an `nn.Linear` or a GPT-2 style `Conv1D` count: LayerNorms, embeddings, the LM head and
+    the classifier head (trained in full through `modules_to_save`) never take part in the Fisher proxy or the
+    penalty. Refused, each with one [`UsageError`] that names the option, adapter or layer: a model without LoRA
+    layers; several active adapters, or `adapter_name` not the active one; an adapter config outside
+    [`check_lora_config`] (DoRA, PiSSA and the other initialisations that rewrite `W`, ...); a LoRA layer of another type
+    (embedding, convolution, a quantised base), a merged or disabled adapter.
+
+    Args:
+        model (`nn.Module`): A peft LoRA model, possibly wrapped by DDP, accelerate or `torch.compile`.
+        adapter_name (`str`, *optional*): The adapter; defaults to the active one ([`active_lora_adapter`]).
+    """
+    adapter_name = active_lora_adapter(model, adapter_name)
+    config = _peft_configs(model).get(adapter_name)
+    if config is not None:
+        check_lora_config(config, adapter_name)
+    matrices = []
+    for name, layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            _check_layer(name, layer, adapter_name)
+            matrices.append(AdaptedMatrix(name, layer, adapter_name))
     return matrices
 
 
@@ -95,8 +287,7 @@ def delta_weight_norms(model: nn.Module, adapter_name: str = "default") -> dict[
     count as zero): the end-of-training picture of where each method put its capacity.
     """
     norms = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
-            if isinstance(module.get_base_layer(), nn.Linear):
-                norms[strip_peft_prefix(name)] = module.get_delta_weight(adapter_name).float().norm().item()
+    for name, layer in lora_layers(model):
+        if adapter_name in layer.lora_A and matrix_shape(layer.get_base_layer()) is not None:
+            norms[name] = layer.get_delta_weight(adapter_name).float().norm().item()
     return norms

@@ -18,18 +18,20 @@ class _LossGradientProbe(torch.autograd.Function):
     """
     Identity on the loss whose backward records `∂(backpropagated objective)/∂loss` in the estimator: the product of
     every factor applied to the loss after it left the model (1 / gradient-accumulation steps, the fp16 loss scale,
-    ...). It runs before the backward of any layer, so the layer hooks can divide it out and see the loss itself.
+    ...), divided by `micro_batches`. It runs before the backward of any layer, so the layer hooks can divide it out
+    and see `micro_batches × loss`.
     """
 
     @staticmethod
-    def forward(ctx, loss: torch.Tensor, estimator: "FisherEstimator") -> torch.Tensor:
+    def forward(ctx, loss: torch.Tensor, estimator: "FisherEstimator", micro_batches: int) -> torch.Tensor:
         ctx.estimator = estimator
+        ctx.micro_batches = micro_batches
         return loss.view_as(loss)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        ctx.estimator._loss_grad = grad_output.detach().float()
-        return grad_output, None
+        ctx.estimator._loss_grad = grad_output.detach().float() / ctx.micro_batches
+        return grad_output, None, None
 
 
 class _FisherTap(torch.autograd.Function):
@@ -124,7 +126,7 @@ class FisherEstimator:
         seed (`int`, *optional*, defaults to `0`):
             Seed of the sketch's own random generator (restarted by [`start`]), so that the training's random stream is
             untouched.
-        adapter_name (`str`, *optional*, defaults to `"default"`): The LoRA adapter whose matrices are measured.
+        adapter_name (`str`, *optional*): The LoRA adapter whose matrices are measured; defaults to the active one.
         compile_backend (`str`, *optional*):
             With a `torch.compile` backend, the arithmetic that folds each micro-batch and each step into the average
             is compiled too (a compiled training step, where every kernel launch counts); eager by default.
@@ -139,7 +141,7 @@ class FisherEstimator:
         estimator: str = default_of("fw_estimator"),
         sketch_probes: int = default_of("fw_sketch_probes"),
         seed: int = 0,
-        adapter_name: str = "default",
+        adapter_name: Optional[str] = None,
         compile_backend: Optional[str] = None,
     ):
         # The options of `FWLoraArguments` without their `fw_` prefix: checked where they are defined.
@@ -201,7 +203,7 @@ class FisherEstimator:
         model_or_matrices: Union[nn.Module, Sequence[AdaptedMatrix]],
         fw_args: FWLoraArguments,
         seed: int = 0,
-        adapter_name: str = "default",
+        adapter_name: Optional[str] = None,
         compile_backend: Optional[str] = None,
     ) -> "FisherEstimator":
         """The estimator that [`FWLoraArguments`] describe (`fw_statistic`, `fw_average`, `fw_ema_decay`,
@@ -249,15 +251,24 @@ class FisherEstimator:
             tap.grad = None
         self._loss_grad = None
 
-    def loss_to_backpropagate(self, loss: torch.Tensor) -> torch.Tensor:
+    def loss_to_backpropagate(self, loss: torch.Tensor, micro_batches: int = 1) -> torch.Tensor:
         """
         The loss to call `backward()` on (or `accelerator.backward`, or a `GradScaler`'s `scale`): the same value,
         whose backward tells the hooks by how much it was scaled afterwards. Pass the task loss, before adding any
         regulariser. While not measuring, `loss` itself.
+
+        Args:
+            loss (`torch.Tensor`): The micro-batch's task loss.
+            micro_batches (`int`, *optional*, defaults to 1):
+                1 for a loss that is the micro-batch's own mean (the gradient-accumulation division comes after, and
+                is undone); for a loss already normalised over the whole accumulated step (transformers' causal LMs
+                with `num_items_in_batch`: the micro-batch's token sum over the step's label tokens), the step's
+                number of micro-batches, so that the statistic is of `micro_batches × loss`, the micro-batch on the
+                scale of its own mean, as without accumulation.
         """
         if not self.is_measuring:
             return loss
-        return _LossGradientProbe.apply(loss, self)
+        return _LossGradientProbe.apply(loss, self, micro_batches)
 
     @torch.no_grad()
     def fold_micro_batch(self) -> None:

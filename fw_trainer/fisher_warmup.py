@@ -65,7 +65,7 @@ class FisherWarmupCallback(TrainerCallback):
 
     Args:
         fw_args ([`FWLoraArguments`]): The method's arguments (`fw_*`).
-        adapter_name (`str`, *optional*, defaults to `"default"`): The LoRA adapter whose matrices are measured.
+        adapter_name (`str`, *optional*): The LoRA adapter whose matrices are measured; defaults to the active one.
         on_freeze (`Callable[[], None]`, *optional*):
             Called when the importances freeze (after the table is logged and `fw_importance.json` written):
             [`FWLoraTrainer`] reports them to every logging integration there and then.
@@ -74,7 +74,7 @@ class FisherWarmupCallback(TrainerCallback):
     def __init__(
         self,
         fw_args: FWLoraArguments,
-        adapter_name: str = "default",
+        adapter_name: Optional[str] = None,
         on_freeze: Optional[Callable[[], None]] = None,
     ):
         self.fw_args = fw_args
@@ -152,10 +152,11 @@ class FisherWarmupCallback(TrainerCallback):
             model, self.fw_args, seed=args.seed, adapter_name=self.adapter_name, compile_backend=backend
         )
 
-    def loss_to_backpropagate(self, loss: torch.Tensor) -> torch.Tensor:
+    def loss_to_backpropagate(self, loss: torch.Tensor, micro_batches: int = 1) -> torch.Tensor:
         """The loss to call `backward()` on: while measuring, `loss` routed through the estimator (see
-        [`FisherEstimator.loss_to_backpropagate`]); otherwise `loss` itself. Pass the task loss alone."""
-        return self.estimator.loss_to_backpropagate(loss) if self.is_measuring else loss
+        [`FisherEstimator.loss_to_backpropagate`], which says what `micro_batches` is); otherwise `loss` itself. Pass
+        the task loss alone."""
+        return self.estimator.loss_to_backpropagate(loss, micro_batches) if self.is_measuring else loss
 
     def stop(self) -> None:
         """Removes the estimator's hooks, e.g. when training dies in the warm-up (an error, Ctrl-C in a notebook): they

@@ -13,8 +13,11 @@ _ROLE_LABELS = {
     "query": "query",
     "key": "key",
     "value": "value",
+    "qkv": "qkv",
     "attention_output": "attn out",
+    "ffn_gate": "ffn gate",
     "ffn_in": "ffn in",
+    "ffn_gate_up": "ffn gate+up",
     "ffn_out": "ffn out",
 }
 
@@ -24,13 +27,14 @@ def layer_role_grid(values: dict[str, float]) -> tuple[np.ndarray, list[int], li
     Arranges per-matrix values as a layer × role grid.
 
     Args:
-        values (`dict[str, float]`): Module name (`roberta.encoder.layer.3.attention.self.query`) → value. Names outside
-            the numbered encoder layers are left out.
+        values (`dict[str, float]`): Module name (`roberta.encoder.layer.3.attention.self.query`,
+            `model.layers.3.mlp.up_proj`) → value. Names outside the numbered transformer layers are left out.
 
     Returns:
         `(grid, layers, roles)`: `grid[i, j]` is the value of role `roles[j]` in layer `layers[i]` (NaN where that
-        matrix is not adapted). Roles are the architecture tables' (`query`, `key`, `value`, `attention_output`,
-        `ffn_in`, `ffn_out`, in that order) for every known architecture, else module-name suffixes in module order.
+        matrix is not adapted). Roles are the architecture tables' (in the order of `TARGET_ROLES`: `query`, `key`,
+        `value`, `qkv`, `attention_output`, `ffn_gate`, `ffn_in`, `ffn_gate_up`, `ffn_out`) for every known
+        architecture, else module-name suffixes in module order.
     """
     cells = {}
     for name, value in values.items():

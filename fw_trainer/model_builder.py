@@ -5,12 +5,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-import torch
 from peft import AdaLoraConfig, LoraConfig, get_peft_model
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from .adapted_matrices import strip_peft_prefix
-from .architectures import ENCODER_TARGET_ROLES, role_pattern
+from .adapted_matrices import matrix_shape, strip_peft_prefix
+from .architectures import TARGET_ROLES_BY_MODEL_TYPE, role_pattern
 from .arguments import FWLoraArguments, resolve_schedule_steps
 from .errors import UsageError
 
@@ -20,10 +20,20 @@ logger = logging.getLogger(__name__)
 DEFAULT_LORA_R = 8
 # Classification heads: trained in full by every method (peft's `modules_to_save`), never adapted. `classifier` and
 # `score` are peft's own SEQ_CLS defaults; `pre_classifier` is DistilBERT's dense layer in front of its classifier.
-# Besides these names, every top-level module of a task model outside its backbone is head (`head_module_names`).
+# Besides these names, every top-level module of a task model outside its backbone is head (`head_module_names`), except
+# a language model's output embeddings (`lm_head`): pretrained, frozen like the backbone.
 HEAD_MODULE_NAMES = ("classifier", "score", "pre_classifier")
 # What peft's SEQ_CLS models add to `modules_to_save` by themselves.
 _PEFT_SEQ_CLS_MODULES = ("classifier", "score")
+# peft's task type by the transformers class-name suffix of the model (`LlamaForCausalLM` → `CAUSAL_LM`).
+_TASK_TYPES = {
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",  # GPT-2's `GPT2LMHeadModel`
+    "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+}
 
 
 @dataclass
@@ -82,16 +92,29 @@ def head_module_names(model: nn.Module) -> tuple[str, ...]:
     its backbone (`model.base_model_prefix`), as in the reference LoRA/AdaLoRA GLUE code, which trains everything
     outside `roberta.`/`deberta.`. That adds DistilBERT's `pre_classifier` and DeBERTa's ContextPooler (`pooler`,
     randomly initialised: pretrained DeBERTa checkpoints have no pooler weights). BERT's pooler belongs to the
-    backbone (`bert.pooler`) and stays an ordinary frozen layer.
+    backbone (`bert.pooler`) and stays an ordinary frozen layer. A language model's output embeddings (`lm_head` of a
+    causal LM, often tied to the input embeddings) are pretrained, not a task head: they stay frozen, as LoRA practice
+    has it (training them would add vocab × hidden parameters, 263M on Llama-3.2-1B, and untie them).
     """
     children = dict(model.named_children())
     backbone = getattr(model, "base_model_prefix", None)
     if not backbone or backbone not in children:
         return HEAD_MODULE_NAMES  # a bare backbone or not a transformers task model
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    lm_head = get_output_embeddings() if callable(get_output_embeddings) else None
     outside = [
-        name for name, child in children.items() if name != backbone and next(child.parameters(), None) is not None
+        name
+        for name, child in children.items()
+        if name != backbone and child is not lm_head and next(child.parameters(), None) is not None
     ]
     return HEAD_MODULE_NAMES + tuple(name for name in outside if name not in HEAD_MODULE_NAMES)
+
+
+def infer_task_type(model: nn.Module) -> Optional[str]:
+    """peft's `task_type` for a transformers task model, from its class name (`LlamaForCausalLM` → `"CAUSAL_LM"`,
+    `RobertaForSequenceClassification` → `"SEQ_CLS"`), or `None` (a bare backbone, another class)."""
+    name = type(model).__name__
+    return next((task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix)), None)
 
 
 def _is_head(name: str, heads: tuple[str, ...] = HEAD_MODULE_NAMES) -> bool:
@@ -102,32 +125,36 @@ def _is_head(name: str, heads: tuple[str, ...] = HEAD_MODULE_NAMES) -> bool:
 
 def resolve_target_modules(model: nn.Module, target_modules: Optional[list[str]] = None) -> list[str]:
     """
-    Full names of the linear layers to adapt, in module order.
+    Full names of the linear layers (`nn.Linear`, GPT-2 style `Conv1D`) to adapt, in module order.
 
     Args:
         model (`nn.Module`): The base model (not yet wrapped by peft).
         target_modules (`list[str]`, *optional*):
             Names or name suffixes (peft's matching: `name == t` or `name.endswith("." + t)`). Each must match at
-            least one linear layer outside the classification head (`head_module_names`). Defaults to the six roles
-            of every encoder layer (query, key, value, attention output, FFN in, FFN out) for the architectures
-            (`config.model_type`) of `ENCODER_TARGET_ROLES`; poolers and heads are never default targets.
+            least one linear layer outside the classification head (`head_module_names`). Defaults to every role of
+            every transformer layer for the architectures (`config.model_type`) of `TARGET_ROLES_BY_MODEL_TYPE`: the
+            six of an encoder (query, key, value, attention output, FFN in, FFN out), every attention and FFN
+            projection of a decoder (Llama's `q/k/v/o_proj`, `gate/up/down_proj`; GPT-2's `c_attn`, `c_proj`,
+            `c_fc`); poolers, heads and the LM head are never default targets.
 
     Raises:
         `UsageError` (a `ValueError`): If a target matches nothing, or the architecture has no default and no targets are given.
     """
     heads = head_module_names(model)
     linear_names = [
-        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and not _is_head(name, heads)
+        name
+        for name, module in model.named_modules()
+        if matrix_shape(module) is not None and not _is_head(name, heads)
     ]
     if target_modules is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in ENCODER_TARGET_ROLES:
+        if model_type not in TARGET_ROLES_BY_MODEL_TYPE:
             raise UsageError(
                 f"No default LoRA targets are known for model_type {model_type!r} (known: "
-                f"{', '.join(sorted(ENCODER_TARGET_ROLES))}). Pass the linear layers to adapt explicitly, e.g. "
+                f"{', '.join(sorted(TARGET_ROLES_BY_MODEL_TYPE))}). Pass the linear layers to adapt explicitly, e.g. "
                 "`--lora_target_modules query_proj key_proj value_proj` (names or name suffixes)."
             )
-        patterns = {role: role_pattern(suffix) for role, suffix in ENCODER_TARGET_ROLES[model_type].items()}
+        patterns = {role: role_pattern(suffix) for role, suffix in TARGET_ROLES_BY_MODEL_TYPE[model_type].items()}
         missing = [role for role, pattern in patterns.items() if not any(pattern.search(n) for n in linear_names)]
         if missing:
             raise UsageError(
@@ -165,7 +192,7 @@ def rank_for_budget(model: nn.Module, target_modules: list[str], budget_percent:
         `UsageError` (a `ValueError`): If even rank 1 is closer to zero than to the budget, i.e. the budget is too small.
     """
     modules = dict(model.named_modules())
-    params_per_rank = sum(modules[name].in_features + modules[name].out_features for name in target_modules)
+    params_per_rank = sum(sum(matrix_shape(modules[name])) for name in target_modules)
     base_params = count_base_params(model)
     exact = budget_percent / 100.0 * base_params / params_per_rank
     rank = math.floor(exact + 0.5)
@@ -187,9 +214,9 @@ def _check_rank_fits(model: nn.Module, targets: list[str], rank: int) -> None:
         `UsageError`: Naming the first matrix too small and its shape.
     """
     for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if name in targets and isinstance(weight, torch.Tensor) and weight.dim() == 2 and rank > min(weight.shape):
-            d_out, d_in = weight.shape
+        shape = matrix_shape(module) if name in targets else None
+        if shape is not None and rank > min(shape):
+            d_out, d_in = shape
             raise UsageError(
                 f"A LoRA rank of {rank} does not fit {name} ({d_out} x {d_in}): the update B A of a matrix cannot have a "
                 f"rank above its smaller side, {min(d_out, d_in)}. Pass a --lora_r (and, for AdaLoRA, an initial rank "
@@ -202,7 +229,7 @@ def build_peft_model(
     model: nn.Module,
     args: FWLoraArguments,
     num_training_steps: Optional[int] = None,
-    task_type: str = "SEQ_CLS",
+    task_type: Optional[str] = None,
 ) -> tuple[nn.Module, AdapterSummary]:
     """
     Wraps `model` for `args.method` and describes the result.
@@ -211,15 +238,17 @@ def build_peft_model(
     whose final average rank is the same `r` and initial rank `ceil(adalora_init_r_ratio · r)`; `full` leaves the model
     as it is, every parameter trainable. Every method trains the whole task head (`head_module_names`): peft's own
     `modules_to_save` (`classifier`, `score`) plus the rest of it, e.g. DistilBERT's `pre_classifier` and
-    DeBERTa's `pooler`.
+    DeBERTa's `pooler`. A causal LM has no task head: only the adapters train (its `lm_head` stays frozen and tied).
 
     Args:
-        model (`nn.Module`): A transformers model with a classification head.
+        model (`nn.Module`): A transformers task model: a classifier (encoder or decoder) or a causal LM.
         args ([`FWLoraArguments`]): The method's arguments.
         num_training_steps (`int`, *optional*):
             AdaLoRA's `total_step`. [`AdaLoraAllocationCallback`] replaces it with the Trainer's real count when
             training begins, so it may be left out.
-        task_type (`str`, *optional*, defaults to `"SEQ_CLS"`): peft task type (decides `modules_to_save`).
+        task_type (`str`, *optional*):
+            peft task type (decides `modules_to_save`); defaults to the model's ([`infer_task_type`]:
+            `"SEQ_CLS"` for a `...ForSequenceClassification`, `"CAUSAL_LM"` for a `...ForCausalLM`).
 
     Returns:
         `tuple[nn.Module, AdapterSummary]`: The model to train and its summary.
@@ -235,6 +264,7 @@ def build_peft_model(
         return model, summary
 
     targets = resolve_target_modules(model, args.lora_target_modules)
+    task_type = task_type if task_type is not None else infer_task_type(model)
     if args.lora_budget is not None:
         rank = rank_for_budget(model, targets, args.lora_budget)
     else:
@@ -247,9 +277,12 @@ def build_peft_model(
     # `pre_classifier` only by accident, and nothing catches DeBERTa's `pooler`. Name the rest of the head explicitly.
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     extra_heads = [name for name in heads if name in present and name not in _PEFT_SEQ_CLS_MODULES]
+    modules = dict(model.named_modules())
     common = dict(
         task_type=task_type,
         target_modules=targets,
+        # GPT-2's `Conv1D` stores W as d_in × d_out (peft would switch this on per layer, with a warning each).
+        fan_in_fan_out=all(isinstance(modules[name], Conv1D) for name in targets),
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         modules_to_save=extra_heads or None,

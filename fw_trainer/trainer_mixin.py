@@ -1,4 +1,6 @@
-"""`FWLoraTrainer`: the Trainer that runs LoRA, AdaLoRA and FW-LoRA through one code path."""
+"""`FWLoraTrainerMixin`: the one place that holds FW-LoRA's hooks into a `transformers.Trainer` (or any subclass of it:
+`Seq2SeqTrainer`, trl's `SFTTrainer`), so that LoRA, AdaLoRA and FW-LoRA run through one code path whatever the
+Trainer."""
 
 import logging
 from collections import defaultdict
@@ -9,13 +11,16 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer_utils import unwrap_peft_model
 
 from .adalora_callback import AdaLoraAllocationCallback
+from .adapted_matrices import active_lora_adapter, find_adapted_matrices
 from .arguments import FWLoraArguments
 from .checkpoints import check_checkpoint, last_complete_checkpoint
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
 from .fisher_warmup import FisherWarmupCallback
 from .identity import run_identity, write_run_identity
+from .loss_normalization import loss_uses_num_items_in_batch
 from .measurement import compile_stats
 from .penalty import FisherWeightedPenalty
 
@@ -23,12 +28,20 @@ from .penalty import FisherWeightedPenalty
 logger = logging.getLogger(__name__)
 
 
-class FWLoraTrainer(Trainer):
+class FWLoraTrainerMixin:
     r"""
-    [`~transformers.Trainer`] for Fisher-weighted LoRA. The only changes w.r.t. `Trainer` are:
+    Fisher-weighted LoRA for a [`~transformers.Trainer`] or any subclass of it: put it first among the bases,
+    `class MyTrainer(FWLoraTrainerMixin, SFTTrainer)` ([`FWLoraTrainer`] is `(FWLoraTrainerMixin, Trainer)`, and
+    [`fw_lora_trainer_class`] builds the class). Every override calls the Trainer's own method and adds to it; the
+    only changes w.r.t. the Trainer it is mixed into are:
 
-    - `compute_loss` routes the task loss through the Fisher estimator during the warm-up (so its hooks can undo the
-      loss scaling) and records `task_loss`; for AdaLoRA the model's loss is the task loss alone, in training and
+    - `__init__` refuses, before training, a model the method cannot train exactly: no LoRA adapter under a LoRA method,
+      several active adapters, a LoRA variant FW-LoRA does not measure (DoRA, PiSSA, ..., see
+      [`find_adapted_matrices`]), or an engine that owns the gradients (FSDP, DeepSpeed);
+
+    - `compute_loss` is the Trainer's (with `num_items_in_batch`, so a causal LM's loss stays normalised over the label
+      tokens of the whole accumulated batch); it routes the task loss through the Fisher estimator during the warm-up
+      (so its hooks can undo the loss scaling) and records `task_loss`; for AdaLoRA the model's loss is the task loss alone, in training and
       evaluation, and peft's orthogonality regulariser is added to the training loss here and logged apart
       (`adalora_orth_penalty`);
     - `training_step`: once the importances are frozen (methods `fw_lora` and `iw_lora`), the last micro-batch of
@@ -45,9 +58,11 @@ class FWLoraTrainer(Trainer):
       optimisation, see [`run_identity`]), and `train` checks the checkpoint before resuming from it
       ([`check_resume`]): a checkpoint that is missing, incomplete, damaged or of another run is refused with a
       [`CheckpointError`] that says what to do;
-    - `loss_is_scaled_for_ga = False`: the loss is a per-micro-batch mean that the Trainer divides by the
-      gradient-accumulation steps; transformers would otherwise skip that division for models whose `forward` takes
-      `**kwargs` but ignores `num_items_in_batch` (RoBERTa, BERT), making the gradient GA times too large.
+    - where the loss is the model's own (the Trainer's `compute_loss`, no `compute_loss_func`) and the model ignores
+      `num_items_in_batch` although its `forward` takes `**kwargs` (RoBERTa, BERT, every `...ForSequenceClassification`,
+      see [`loss_uses_num_items_in_batch`]), `model_accepts_loss_kwargs = False`: the per-micro-batch mean loss is then
+      divided by the gradient-accumulation steps, where transformers would skip that division and make the gradient
+      GA times too large. Models whose loss uses `num_items_in_batch` (causal LMs) train exactly as under the Trainer.
 
     The warm-up, in both modes (its schedule, IW-LoRA's calibration, the freeze, `fw_importance.json`, the penalty of
     the frozen importances), is [`FisherWarmupCallback`]'s, the measurement its [`FisherEstimator`]'s: the trainer
@@ -56,17 +71,8 @@ class FWLoraTrainer(Trainer):
     (nothing added), `adalora` (with [`AdaLoraAllocationCallback`]) and `full`, so timings and results compare like
     for like.
 
-    Args:
-        fw_args ([`FWLoraArguments`], *optional*): The method's arguments; defaults to `FWLoraArguments()`.
-        run_data (`dict`, *optional*):
-            What defines the training data (task, sequence length, which examples), recorded in the run's identity and
-            compared on resume; defaults to the task in the model's config (`finetuning_task`).
-        model, args, *trainer_args, **kwargs: Passed to [`~transformers.Trainer`]. With a LoRA method and
-            `ddp_find_unused_parameters` unset, it is set to `False`: every trainable parameter is used each step.
+    Its constructor takes the Trainer's arguments plus `fw_args` and `run_data` (see [`FWLoraTrainer`]).
     """
-
-    # The task loss is a per-micro-batch mean: let `training_step` divide it by the gradient-accumulation steps.
-    loss_is_scaled_for_ga = False
 
     def __init__(
         self,
@@ -84,9 +90,12 @@ class FWLoraTrainer(Trainer):
         super().__init__(model, args, *trainer_args, **kwargs)
         self.fw_args = fw_args
         self.run_data = run_data
-        # Never hand `num_items_in_batch` to the model: the loss stays a per-micro-batch mean (see the docstring).
-        self.model_accepts_loss_kwargs = False
-        self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        if self.model_accepts_loss_kwargs and self._loss_is_the_models():
+            # A model that takes `num_items_in_batch` but ignores it returns a per-micro-batch mean: have the Trainer
+            # divide it by the accumulation steps (see the docstring).
+            unwrapped = unwrap_peft_model(self.accelerator.unwrap_model(self.model))
+            self.model_accepts_loss_kwargs = loss_uses_num_items_in_batch(unwrapped)
+        self._fw_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._penalty_lambda: Optional[torch.Tensor] = None  # λ on the adapters' device, made at the first penalty
         self._checked_checkpoint: Optional[str] = None  # the checkpoint `check_resume` accepted last
         self._compiled_penalty: Optional[tuple[FisherWeightedPenalty, Any]] = None  # under --torch_compile
@@ -99,6 +108,37 @@ class FWLoraTrainer(Trainer):
                 "FW-LoRA does not support `torch.nn.DataParallel` (several GPUs in one process): launch one process "
                 "per GPU with `accelerate launch` or `torchrun` instead."
             )
+        self._check_model()
+
+    def _loss_is_the_models(self) -> bool:
+        """Whether the training loss is the model's own output: the Trainer's `compute_loss` (not a subclass's, such
+        as `SFTTrainer`'s, which normalises by `num_items_in_batch` itself) and no `compute_loss_func`."""
+        trainer_compute_loss = getattr(super().compute_loss, "__func__", None)
+        return trainer_compute_loss is Trainer.compute_loss and self.compute_loss_func is None
+
+    def _check_model(self) -> None:
+        """
+        Refuses, before anything trains, a model or engine on which the method would not be what it says: a LoRA
+        method needs one active LoRA adapter; FW-LoRA and IW-LoRA also need one that they measure and penalise exactly
+        ([`find_adapted_matrices`]), and an engine that leaves the gradients in `.grad`.
+
+        Raises:
+            `UsageError`: Saying what is wrong and what to do.
+        """
+        if self.model_init is not None and self.model is None:
+            return  # a hyper-parameter search builds each trial's model later
+        if self.fw_args.uses_fisher_weights:
+            find_adapted_matrices(self.model)
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+                engine = "FSDP" if self.is_fsdp_enabled else "DeepSpeed"
+                raise UsageError(
+                    f"FW-LoRA and IW-LoRA are not tested under {engine}, which shards the gradients: the penalty's "
+                    "gradient, written into `.grad`, could be lost there, so they are refused rather than assumed to "
+                    "work. Train with DDP (`accelerate launch` with a plain multi-GPU config), or run the method "
+                    "`lora` as a baseline under this engine."
+                )
+        elif self.fw_args.method in ("lora",):
+            active_lora_adapter(self.model)
 
     def set_method_arguments(self, fw_args: FWLoraArguments) -> None:
         """
@@ -218,8 +258,8 @@ class FWLoraTrainer(Trainer):
             scale = scaler.scale(scale)
         value = self._penalty_backward(penalty)(scale)
         weighted = self._penalty_lambda * value
-        self._metrics["fw_penalty"].append(value)
-        self._metrics["fw_weighted_penalty"].append(weighted)
+        self._fw_metrics["fw_penalty"].append(value)
+        self._fw_metrics["fw_weighted_penalty"].append(weighted)
         return weighted
 
     def _penalty_backward(self, penalty: FisherWeightedPenalty):
@@ -242,51 +282,67 @@ class FWLoraTrainer(Trainer):
     ):
         adalora = self.adalora_callback
         with adalora.task_loss_only(self.model) if adalora is not None else nullcontext():
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        loss, outputs = result if return_outputs else (result, None)
         if not model.training:
-            return (loss, outputs) if return_outputs else loss
+            return result
 
-        self._metrics["task_loss"].append(loss.detach())
+        self._fw_metrics["task_loss"].append(loss.detach())
         if adalora is not None and self.fw_args.adalora_orth_reg_weight > 0:
             # What peft's forward adds, outside `task_loss`: it still trains the model as peft intends.
             orthogonality = adalora.orthogonality_penalty(self.model)
-            self._metrics["adalora_orth_penalty"].append(orthogonality.detach())
+            self._fw_metrics["adalora_orth_penalty"].append(orthogonality.detach())
             loss = loss + self.fw_args.adalora_orth_reg_weight * orthogonality
         if self.fisher_callback is not None:
-            # Lets the warm-up's hooks undo what scales the loss from here on (1 / GA, an fp16 loss scale).
-            loss = self.fisher_callback.loss_to_backpropagate(loss)
+            # Lets the warm-up's hooks undo what scales the loss from here on (1 / GA, an fp16 loss scale). A loss
+            # normalised over the whole accumulated batch is measured on the scale of one step's loss.
+            micro_batches = (
+                self.current_gradient_accumulation_steps if self._loss_is_scaled_for_ga(num_items_in_batch) else 1
+            )
+            loss = self.fisher_callback.loss_to_backpropagate(loss, micro_batches)
         return (loss, outputs) if return_outputs else loss
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch: Optional[Union[torch.Tensor, int]]) -> bool:
+        """Whether the Trainer's `training_step` takes the loss as already scaled for gradient accumulation (it then
+        skips its division by the accumulation steps): the Trainer's own rule."""
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
+            return self.loss_is_scaled_for_ga
+        return (
+            self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        ) or self.compute_loss_func is not None
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         # Training logs carry "loss"; evaluation logs do not and get no training averages.
         if "loss" in logs:
-            if self._metrics:
+            if self._fw_metrics:
                 # Every rank logs together (the Trainer gathers "loss" the same way): average over ranks too.
-                names = sorted(self._metrics)
-                means = torch.stack([torch.stack(self._metrics[name]).float().mean() for name in names])
+                names = sorted(self._fw_metrics)
+                means = torch.stack([torch.stack(self._fw_metrics[name]).float().mean() for name in names])
                 means = self.accelerator.reduce(means, reduction="mean")
                 logs.update(zip(names, means.tolist()))
-                self._metrics.clear()
+                self._fw_metrics.clear()
             if self.args.torch_compile:
                 logs.update({f"compile/{name}": value for name, value in compile_stats().items()})
             if self.adalora_callback is not None and self.adalora_callback.budget is not None:
                 logs["adalora_total_rank"] = float(self.adalora_callback.budget)
                 logs["adalora_mean_rank"] = self.adalora_callback.budget / self.adalora_callback.num_matrices
-        # The frozen importances, once, with whichever log comes first after the freeze.
-        importances = self.fisher_callback.importances_to_log() if self.fisher_callback is not None else None
-        if importances is not None:
-            logs.update({f"fw_importance/{name}": value for name, value in importances.items()})
         super().log(logs, start_time)
-        if importances is not None:
-            # After the scalars: TensorBoard's writer, closed when training ends, is open again once they are logged.
-            self._log_importance_heatmap(importances)
 
     def _log_frozen_importances(self) -> None:
-        """At the freeze, whichever step it is: the importances in a report of their own (`log` merges them in)."""
+        """At the freeze, whichever step it is: the importances in a report of their own."""
+        importances = self.fisher_callback.importances_to_log()
+        if importances is None:
+            return
         # A log clears the Trainer's `should_log`: a training log due at this step must still happen.
         due = self.control.should_log
-        self.log({})
+        # `Trainer.log` itself, not a subclass's: `SFTTrainer.log` would merge the step's own metrics into this report
+        # and clear them before the step's training log.
+        Trainer.log(self, {f"fw_importance/{name}": value for name, value in importances.items()})
         self.control.should_log = due
+        # After the scalars: TensorBoard's writer, closed when training ends, is open again once they are logged.
+        self._log_importance_heatmap(importances)
 
     def _log_importance_heatmap(self, importances: dict[str, float]) -> None:
         """The frozen importances as a layer × module-role heatmap image in TensorBoard (`fw_importance/heatmap`)."""

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from fw_trainer import FWLoraArguments, build_peft_model, resolve_target_modules
-from fw_trainer.architectures import TARGET_ROLES, layer_index, target_role
+from fw_trainer.architectures import ENCODER_TARGET_ROLES, layer_index, target_role
 from fw_trainer.heatmap import layer_role_grid
 
 
@@ -228,7 +228,15 @@ def test_fisher_after_one_step_equals_autograd(architecture, tmp_path):
         ("deberta-v2", "deberta.encoder.layer.0.attention.self.query", None),
         ("distilbert", "pre_classifier", None),
         ("bert", "bert.encoder.layer.0.crossattention.self.query", None),
-        ("gpt2", "transformer.h.0.attn.c_attn", None),
+        ("gpt2", "transformer.h.0.attn.c_attn", "qkv"),
+        ("gpt2", "transformer.h.0.attn.c_proj", "attention_output"),
+        ("gpt2", "transformer.h.0.mlp.c_proj", "ffn_out"),
+        ("llama", "base_model.model.model.layers.3.mlp.gate_proj", "ffn_gate"),
+        ("llama", "model.layers.3.mlp.up_proj", "ffn_in"),
+        ("gpt_neox", "gpt_neox.layers.0.attention.dense", "attention_output"),
+        ("phi3", "model.layers.0.mlp.gate_up_proj", "ffn_gate_up"),
+        ("bert", "transformer.h.0.attn.c_attn", None),
+        ("llama", "lm_head", None),
     ],
 )
 def test_target_role(model_type, name, role):
@@ -281,5 +289,5 @@ def test_heatmap_grid_reads_every_architecture(architecture):
     in encoder order, whatever the architecture's module names."""
     names = expected_targets(architecture)
     grid, layers, roles = layer_role_grid({name: float(i) for i, name in enumerate(names)})
-    assert layers == list(range(NUM_LAYERS)) and roles == list(TARGET_ROLES)
+    assert layers == list(range(NUM_LAYERS)) and roles == list(ENCODER_TARGET_ROLES["bert"])
     assert grid.tolist() == [[float(6 * layer + j) for j in range(6)] for layer in range(NUM_LAYERS)]
