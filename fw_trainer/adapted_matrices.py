@@ -28,6 +28,8 @@ MEASURED_LORA_OPTIONS = frozenset(
     {
         "task_type",
         "peft_type",
+        "peft_version",  # the version that saved the adapter
+        "megatron_core",  # the module name used only with `megatron_config`, which must stay unset
         "auto_mapping",
         "base_model_name_or_path",
         "revision",

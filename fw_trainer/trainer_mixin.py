@@ -125,8 +125,6 @@ class FWLoraTrainerMixin:
         Raises:
             `UsageError`: Saying what is wrong and what to do.
         """
-        if self.model_init is not None and self.model is None:
-            return  # a hyper-parameter search builds each trial's model later
         if self.fw_args.uses_fisher_weights:
             find_adapted_matrices(self.model)
             if self.is_fsdp_enabled or self.is_deepspeed_enabled:
@@ -137,7 +135,7 @@ class FWLoraTrainerMixin:
                     "work. Train with DDP (`accelerate launch` with a plain multi-GPU config), or run the method "
                     "`lora` as a baseline under this engine."
                 )
-        elif self.fw_args.method in ("lora",):
+        elif self.fw_args.uses_lora:
             active_lora_adapter(self.model)
 
     def set_method_arguments(self, fw_args: FWLoraArguments) -> None:
@@ -289,18 +287,19 @@ class FWLoraTrainerMixin:
         if not model.training:
             return result
 
-        self._fw_metrics["task_loss"].append(loss.detach())
+        # A loss normalised over the whole accumulated step is the micro-batch's share of it: reported (and measured
+        # by the warm-up) on the scale of the micro-batch's own mean, as a per-micro-batch loss is.
+        micro_batches = (
+            self.current_gradient_accumulation_steps if self._loss_is_scaled_for_ga(num_items_in_batch) else 1
+        )
+        self._fw_metrics["task_loss"].append(loss.detach() * micro_batches)
         if adalora is not None and self.fw_args.adalora_orth_reg_weight > 0:
             # What peft's forward adds, outside `task_loss`: it still trains the model as peft intends.
             orthogonality = adalora.orthogonality_penalty(self.model)
             self._fw_metrics["adalora_orth_penalty"].append(orthogonality.detach())
             loss = loss + self.fw_args.adalora_orth_reg_weight * orthogonality
         if self.fisher_callback is not None:
-            # Lets the warm-up's hooks undo what scales the loss from here on (1 / GA, an fp16 loss scale). A loss
-            # normalised over the whole accumulated batch is measured on the scale of one step's loss.
-            micro_batches = (
-                self.current_gradient_accumulation_steps if self._loss_is_scaled_for_ga(num_items_in_batch) else 1
-            )
+            # Lets the warm-up's hooks undo what scales the loss from here on (1 / GA, an fp16 loss scale).
             loss = self.fisher_callback.loss_to_backpropagate(loss, micro_batches)
         return (loss, outputs) if return_outputs else loss
 

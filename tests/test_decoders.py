@@ -147,6 +147,8 @@ def test_lambda_zero_trains_exactly_as_the_trainer_under_accumulation(tmp_path, 
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
     losses = [[log["loss"] for log in t.state.log_history if "loss" in log] for t in (plain, fw)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # With λ = 0 the reported task loss is the loss (not the micro-batch's share of the step's, GA times too small).
+    assert [log["task_loss"] for log in fw.state.log_history if "loss" in log] == pytest.approx(losses[1], rel=1e-5)
 
 
 @pytest.mark.parametrize("model_type", LAYOUTS)
