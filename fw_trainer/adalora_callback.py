@@ -33,10 +33,10 @@ class AdaLoraAllocationCallback(TrainerCallback):
     Args:
         tinit (`float`): Steps before pruning starts (a fraction of the total if below 1).
         tfinal (`float`): Final steps with a fixed rank pattern (a fraction of the total if below 1).
-        adapter_name (`str`, *optional*, defaults to `"default"`): The AdaLoRA adapter.
+        adapter_name (`str`, *optional*): The AdaLoRA adapter; defaults to the one the AdaLoRA model trains.
     """
 
-    def __init__(self, tinit: float, tfinal: float, adapter_name: str = "default"):
+    def __init__(self, tinit: float, tfinal: float, adapter_name: Optional[str] = None):
         self.tinit = tinit
         self.tfinal = tfinal
         self.adapter_name = adapter_name
@@ -52,6 +52,10 @@ class AdaLoraAllocationCallback(TrainerCallback):
                 f"`fw_trainer.build_peft_model`), but the model's base is a {type(base).__name__}."
             )
         return base
+
+    def _adapter(self, adalora: AdaLoraModel) -> str:
+        """The adapter: the one given, else the one the AdaLoRA model trains (peft allows one trainable adapter)."""
+        return self.adapter_name if self.adapter_name is not None else adalora.trainable_adapter_name
 
     @contextmanager
     def task_loss_only(self, model: nn.Module) -> Iterator[None]:
@@ -78,7 +82,7 @@ class AdaLoraAllocationCallback(TrainerCallback):
         adalora = self._adalora_model(model)
         total, count = None, 0
         for name, param in adalora.model.named_parameters():
-            if ("lora_A" in name or "lora_B" in name) and self.adapter_name in name:
+            if ("lora_A" in name or "lora_B" in name) and name.endswith(f".{self._adapter(adalora)}"):
                 covariance = param @ param.T if "lora_A" in name else param.T @ param
                 identity = torch.eye(*covariance.size(), dtype=covariance.dtype, device=covariance.device)
                 term = torch.norm(covariance - identity, p="fro")
@@ -87,7 +91,7 @@ class AdaLoraAllocationCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         adalora = self._adalora_model(kwargs["model"])
-        config = adalora.peft_config[self.adapter_name]
+        config = adalora.peft_config[self._adapter(adalora)]
         total_steps = state.max_steps
         config.total_step = total_steps
         config.tinit = resolve_schedule_steps(self.tinit, total_steps)
@@ -120,7 +124,8 @@ class AdaLoraAllocationCallback(TrainerCallback):
         self.budget = adalora.rankallocator.budget_schedule(state.global_step)[0]
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        config = self._adalora_model(kwargs["model"]).peft_config[self.adapter_name]
+        adalora = self._adalora_model(kwargs["model"])
+        config = adalora.peft_config[self._adapter(adalora)]
         if config.rank_pattern is None:
             logger.warning("AdaLoRA never allocated ranks (training too short?): no rank pattern to save.")
             return

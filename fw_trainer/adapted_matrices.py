@@ -4,6 +4,7 @@ every adapter setup on which FW-LoRA's measurement (`‖∇W‖²`) or penalty (
 """
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -107,6 +108,12 @@ class AdaptedMatrix:
     @property
     def r(self) -> int:
         return self.lora_A.shape[0]
+
+
+def adapter_directory(directory: str, adapter_name: str) -> str:
+    """Where peft's `save_pretrained` puts an adapter's files under `directory`: `directory` itself for `"default"`,
+    else its subfolder named after the adapter."""
+    return directory if adapter_name == "default" else os.path.join(directory, adapter_name)
 
 
 def strip_peft_prefix(name: str) -> str:
@@ -281,13 +288,15 @@ def find_adapted_matrices(model: nn.Module, adapter_name: Optional[str] = None) 
 
 
 @torch.no_grad()
-def delta_weight_norms(model: nn.Module, adapter_name: str = "default") -> dict[str, float]:
+def delta_weight_norms(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, float]:
     """
-    `‖ΔW‖_F` of every adapted linear weight of a LoRA or AdaLoRA model, by module name in the base model.
+    `‖ΔW‖_F` of every adapted linear weight of a LoRA or AdaLoRA model, by module name in the base model, for
+    `adapter_name` (by default the active adapter, [`active_lora_adapter`]).
 
     `ΔW` is peft's own `get_delta_weight` (for AdaLoRA `B (A ⊙ E)` scaled by `alpha / ranknum`, so pruned triplets
     count as zero): the end-of-training picture of where each method put its capacity.
     """
+    adapter_name = active_lora_adapter(model, adapter_name)
     norms = {}
     for name, layer in lora_layers(model):
         if adapter_name in layer.lora_A and matrix_shape(layer.get_base_layer()) is not None:

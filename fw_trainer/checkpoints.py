@@ -23,6 +23,7 @@ from transformers.utils import (
     WEIGHTS_NAME,
 )
 
+from .adapted_matrices import adapter_directory
 from .errors import CheckpointError
 from .identity import check_run_identity
 
@@ -112,9 +113,11 @@ def _check_weights(checkpoint_dir: str, model: nn.Module) -> None:
                 "of full fine-tuning. Resume with the method it was trained with."
             )
         return
-    safetensors_file = os.path.join(checkpoint_dir, ADAPTER_SAFE_WEIGHTS_NAME)
+    # peft saves an adapter not named "default" in a subfolder of that name.
+    adapter_dir = adapter_directory(checkpoint_dir, model.active_adapter)
+    safetensors_file = os.path.join(adapter_dir, ADAPTER_SAFE_WEIGHTS_NAME)
     if not os.path.isfile(safetensors_file):
-        if not os.path.isfile(os.path.join(checkpoint_dir, ADAPTER_WEIGHTS_NAME)):
+        if not os.path.isfile(os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)):
             raise CheckpointError(
                 f"The checkpoint {checkpoint_dir} holds no adapter weights ({ADAPTER_SAFE_WEIGHTS_NAME}): it is not a "
                 "checkpoint of a LoRA method. Resume with the method it was trained with."
@@ -128,7 +131,8 @@ def _check_weights(checkpoint_dir: str, model: nn.Module) -> None:
             f"{safetensors_file} is damaged ({error}). Resume from an earlier checkpoint."
         ) from error
     by_shape = not isinstance(model.peft_config[model.active_adapter], AdaLoraConfig)
-    expected = {name: list(tensor.shape) for name, tensor in get_peft_model_state_dict(model).items()}
+    state = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
+    expected = {name: list(tensor.shape) for name, tensor in state.items()}
     differing = sorted(
         name
         for name in saved.keys() | expected.keys()

@@ -71,7 +71,7 @@ def run_identity(
     fw_args: FWLoraArguments,
     args: TrainingArguments,
     data: Optional[dict[str, Any]] = None,
-    adapter_name: str = "default",
+    adapter_name: Optional[str] = None,
 ) -> dict[str, Any]:
     """
     What a run is, as a JSON-serialisable mapping with two parts.
@@ -94,7 +94,7 @@ def run_identity(
         data (`dict`, *optional*):
             What defines the training data, e.g. `{"task": "sst2", "max_seq_length": 128, ...}`; defaults to the
             task recorded in the model's config (`finetuning_task`).
-        adapter_name (`str`, *optional*, defaults to `"default"`): The peft adapter being trained.
+        adapter_name (`str`, *optional*): The peft adapter being trained; defaults to the model's active adapter.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
@@ -110,7 +110,9 @@ def run_identity(
         unused = field.name == "fw_sketch_probes" and fw_args.fw_estimator == "exact"
         if prefix is not None and field.name.startswith(prefix) and not unused:
             run[field.name] = getattr(fw_args, field.name)
-    peft_config = getattr(model, "peft_config", {}).get(adapter_name)
+    if adapter_name is None:
+        adapter_name = getattr(model, "active_adapter", None)
+    peft_config = getattr(model, "peft_config", {}).get(adapter_name) if isinstance(adapter_name, str) else None
     if peft_config is not None:
         adalora = isinstance(peft_config, peft.AdaLoraConfig)
         run["rank"] = peft_config.target_r if adalora else peft_config.r

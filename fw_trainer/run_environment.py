@@ -13,6 +13,8 @@ import peft
 import torch
 import transformers
 
+from .adapted_matrices import adapter_directory
+from .state_files import write_json_atomic
 from .version import __version__
 
 
@@ -26,7 +28,11 @@ WEIGHTS_FILES = (
 )
 
 
-def adapter_file_bytes(output_dir: str) -> Optional[int]:
+# Written by [`write_run_environment`] beside a run's weights.
+RUN_ENVIRONMENT_FILE = "run_environment.json"
+
+
+def adapter_file_bytes(output_dir: str, adapter_name: str = "default") -> Optional[int]:
     """
     The size on disk of the weights a run saved into `output_dir`: `adapter_model.safetensors` for an adapter, else
     `model.safetensors` or its shards for a full fine-tuning (the pickled `.bin` files where no safetensors were
@@ -34,12 +40,15 @@ def adapter_file_bytes(output_dir: str) -> Optional[int]:
 
     Args:
         output_dir (`str`): The directory the model was saved into (`trainer.save_model()`, `save_pretrained`).
+        adapter_name (`str`, *optional*, defaults to `"default"`):
+            The adapter: peft saves one not named `"default"` in a subfolder of that name.
 
     Returns:
         `int` or `None`: The bytes of the weights file(s), summed over shards; `None` if the directory holds none.
     """
+    directory = glob.escape(adapter_directory(output_dir, adapter_name))
     for patterns in WEIGHTS_FILES:
-        paths = {path for pattern in patterns for path in glob.glob(os.path.join(glob.escape(output_dir), pattern))}
+        paths = {path for pattern in patterns for path in glob.glob(os.path.join(directory, pattern))}
         if paths:
             return sum(os.path.getsize(path) for path in paths)
     return None
@@ -94,3 +103,25 @@ def hardware(device: Optional[Union[torch.device, str]] = None) -> dict[str, Any
         "peft": peft.__version__,
         "fw-lora": __version__,
     }
+
+
+def write_run_environment(
+    output_dir: str, device: torch.device, world_size: int = 1, adapter_name: str = "default"
+) -> None:
+    """
+    Writes `run_environment.json`: `adapter_file_bytes`, the size of the weights the run saved into `output_dir` (see
+    [`adapter_file_bytes`]; `None` if it saved none), the `hardware` it trained on (see [`hardware`]) and `world_size`,
+    the number of processes that trained. Call it after the model is saved.
+
+    Args:
+        output_dir (`str`): The run's output directory.
+        device (`torch.device`): The device this process trained on (`TrainingArguments.device`).
+        world_size (`int`, *optional*, defaults to 1): `TrainingArguments.world_size`.
+        adapter_name (`str`, *optional*, defaults to `"default"`): The peft adapter that was saved.
+    """
+    environment = {
+        "adapter_file_bytes": adapter_file_bytes(output_dir, adapter_name),
+        "hardware": hardware(device),
+        "world_size": world_size,
+    }
+    write_json_atomic(os.path.join(output_dir, RUN_ENVIRONMENT_FILE), environment)

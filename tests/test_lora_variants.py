@@ -7,11 +7,13 @@ import torch
 from conftest import training_args
 from peft import get_peft_model
 from test_decoders import SequentialFWLoraTrainer, adapters, reference_fisher_under_accumulation
-from tiny_decoders import CausalLMDataset, decoder_lora_config, tiny_decoder
+from tiny_decoders import CausalLMDataset, decoder_lora_config, expected_decoder_targets, tiny_decoder
 from torch import nn
 
 from fw_trainer import FisherEstimator, FWLoraArguments, FWLoraTrainer, find_adapted_matrices
+from fw_trainer.adapted_matrices import delta_weight_norms
 from fw_trainer.errors import UsageError
+from fw_trainer.run_environment import adapter_file_bytes
 
 
 def lora_config(**kwargs):
@@ -81,12 +83,27 @@ def test_the_penalty_reaches_the_active_adapter_of_several(tmp_path):
     assert sum(penalised[n].norm() for n in sst2) < sum(unpenalised[n].norm() for n in sst2)
 
 
-def test_an_adapter_of_another_name_is_used_and_one_not_active_is_refused(tmp_path):
-    model = get_peft_model(tiny_decoder("llama"), lora_config(), adapter_name="task")
+def test_an_adapter_of_another_name_is_used_saved_and_resumed(tmp_path):
+    """peft saves an adapter not named "default" in a subfolder of that name: its size, identity, norms and checkpoint
+    are found there (before, the identity lost the rank and targets and a resume found no adapter)."""
+    model = get_peft_model(tiny_decoder("llama"), lora_config(init_lora_weights="gaussian"), adapter_name="task")
     assert {m.adapter_name for m in find_adapted_matrices(model)} == {"task"}
-    fw_trainer(model, tmp_path).train()
     with pytest.raises(UsageError, match="'default' was asked for, but the adapter that is active .* is 'task'"):
         find_adapted_matrices(model, "default")
+
+    trainer = fw_trainer(model, tmp_path)
+    trainer.args.save_strategy, trainer.args.save_steps = "steps", 2
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-2"
+    saved = checkpoint / "task" / "adapter_model.safetensors"
+    assert adapter_file_bytes(str(checkpoint), "task") == saved.stat().st_size > 0
+    identity = trainer.identity()["run"]
+    assert identity["rank"] == 4 and identity["target_modules"] == sorted(expected_decoder_targets("llama"))
+    assert delta_weight_norms(trainer.model).keys() == {m.name for m in find_adapted_matrices(model)}
+
+    resumed = fw_trainer(get_peft_model(tiny_decoder("llama"), lora_config(), adapter_name="task"), tmp_path)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 3 and resumed.fisher_callback.frozen_at_step == 1
 
 
 def test_several_active_adapters_are_refused(tmp_path):

@@ -28,6 +28,7 @@ from ..measurement import peak_memory_mb, reset_peak_memory
 from ..model_builder import build_peft_model
 from ..preflight import check_training_setup
 from ..run_directory import OutputDirectoryLock, check_writable, checkpoint_to_resume, missing_directories
+from ..run_environment import write_run_environment
 from ..trainer import FWLoraTrainer
 from .arguments import DataTrainingArguments, ModelArguments, ScriptArguments, padding_multiple, parse_args, run_data
 from .data_sources import labels_of, load_raw_datasets, sentence_keys
@@ -40,7 +41,6 @@ from .run_outputs import (
     write_delta_weight_norms,
     write_eval_predictions,
     write_predict_results,
-    write_run_environment,
 )
 
 

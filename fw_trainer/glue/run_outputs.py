@@ -8,13 +8,11 @@ import os
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-import torch
 from torch import nn
 from transformers.trainer import TRAINER_STATE_NAME
 
 from ..adapted_matrices import delta_weight_norms
 from ..run_directory import ALL_RESULTS_FILE as ALL_RESULTS_FILE  # the files a finished run holds, together
-from ..run_environment import adapter_file_bytes, hardware
 from ..state_files import write_json_atomic
 
 
@@ -26,8 +24,6 @@ if TYPE_CHECKING:
 ADAPTER_SUMMARY_FILE = "adapter_summary.json"
 # ‖ΔW‖_F per adapted matrix at the end of training, where each method put its capacity: [`write_delta_weight_norms`].
 DELTA_WEIGHT_NORMS_FILE = "delta_weight_norms.json"
-# The size of the saved weights and the hardware the run trained on: [`write_run_environment`].
-RUN_ENVIRONMENT_FILE = "run_environment.json"
 # Per dev example: index, gold label id (or score) and prediction of the final model, for McNemar's test and the
 # confusion matrix: [`write_eval_predictions`].
 EVAL_PREDICTIONS_FILE = "eval_predictions_{task}.tsv"
@@ -52,25 +48,6 @@ def write_delta_weight_norms(output_dir: str, model: nn.Module) -> None:
     [`delta_weight_norms`]). Call it at the end of training.
     """
     write_json_atomic(os.path.join(output_dir, DELTA_WEIGHT_NORMS_FILE), delta_weight_norms(model))
-
-
-def write_run_environment(output_dir: str, device: torch.device, world_size: int = 1) -> None:
-    """
-    Writes `run_environment.json`: `adapter_file_bytes`, the size of the weights the run saved into `output_dir` (see
-    [`adapter_file_bytes`]; `None` if it saved none), the `hardware` it trained on (see [`hardware`]) and `world_size`,
-    the number of processes that trained. Call it after the model is saved.
-
-    Args:
-        output_dir (`str`): The run's output directory.
-        device (`torch.device`): The device this process trained on (`TrainingArguments.device`).
-        world_size (`int`, *optional*, defaults to 1): `TrainingArguments.world_size`.
-    """
-    environment = {
-        "adapter_file_bytes": adapter_file_bytes(output_dir),
-        "hardware": hardware(device),
-        "world_size": world_size,
-    }
-    write_json_atomic(os.path.join(output_dir, RUN_ENVIRONMENT_FILE), environment)
 
 
 def write_eval_predictions(

@@ -12,9 +12,9 @@ from ..glue.run_outputs import (
     ALL_RESULTS_FILE,
     DELTA_WEIGHT_NORMS_FILE,
     EVAL_PREDICTIONS_FILE,
-    RUN_ENVIRONMENT_FILE,
     TRAINER_STATE_FILE,
 )
+from ..run_environment import RUN_ENVIRONMENT_FILE
 from ..state_files import IMPORTANCE_FILE
 from .config import SEED_AXIS
 
