@@ -10,7 +10,8 @@ access, pass a model name (and its tokenizer is used) and your own prompt/comple
         --train_file my_instructions.jsonl --bf16 --fw_warmup_steps 100 --max_steps 1000
 
 It leaves the adapter (`adapter_model.safetensors`), `fw_importance.json` (F, I and 1 − I per adapted matrix) and the
-run's identity in `--output_dir`, and the LM loss on held-out texts before and after training in `forgetting.json`.
+run's identity in `--output_dir`, the LM loss on held-out texts before and after training in `forgetting.json`, and
+the adapter's file size and the hardware in `run_environment.json`.
 """
 
 import argparse
@@ -27,6 +28,7 @@ from trl import SFTConfig
 
 from fw_trainer import FWLoraArguments, build_peft_model
 from fw_trainer.forgetting import forgetting_record, language_modelling_loss, read_held_out_texts
+from fw_trainer.run_environment import write_run_environment
 from fw_trainer.sft import FWLoraSFTTrainer
 
 
@@ -151,6 +153,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     )
     trainer.train()
     trainer.save_model()
+    write_run_environment(args.output_dir, trainer.args.device, trainer.args.world_size)
     record = forgetting_record(before, language_modelling_loss(trainer.model, tokenizer, held_out_texts))
     with open(os.path.join(args.output_dir, "forgetting.json"), "w", encoding="utf-8") as file:
         json.dump(record, file, indent=2)

@@ -269,7 +269,7 @@ def find_adapted_matrices(model: nn.Module, adapter_name: Optional[str] = None) 
     penalty. Refused, each with one [`UsageError`] that names the option, adapter or layer: a model without LoRA
     layers; several active adapters, or `adapter_name` not the active one; an adapter config outside
     [`check_lora_config`] (DoRA, PiSSA and the other initialisations that rewrite `W`, ...); a LoRA layer of another type
-    (embedding, convolution, a quantised base), a merged or disabled adapter.
+    (embedding, convolution, a quantised base), a merged or disabled adapter; a weight tied to an embedding.
 
     Args:
         model (`nn.Module`): A peft LoRA model, possibly wrapped by DDP, accelerate or `torch.compile`.
@@ -279,10 +279,19 @@ def find_adapted_matrices(model: nn.Module, adapter_name: Optional[str] = None) 
     config = _peft_configs(model).get(adapter_name)
     if config is not None:
         check_lora_config(config, adapter_name)
+    # A weight that another module uses too (a tied LM head is the input embedding) has a gradient from both uses,
+    # of which the tap on the LoRA layer sees one.
+    embeddings = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
     matrices = []
     for name, layer in lora_layers(model):
         if adapter_name in layer.lora_A:
             _check_layer(name, layer, adapter_name)
+            if id(layer.get_base_layer().weight) in embeddings:
+                raise UsageError(
+                    f"`{name}` shares its weight with an embedding (a tied LM head): its gradient comes from both "
+                    "uses, and FW-LoRA's tap on the LoRA layer sees only one. Leave it out of the LoRA targets (the "
+                    "default targets do), or untie the embeddings (`tie_word_embeddings=False`)."
+                )
             matrices.append(AdaptedMatrix(name, layer, adapter_name))
     return matrices
 

@@ -24,7 +24,7 @@ def loss_uses_num_items_in_batch(model: nn.Module) -> bool:
     Args:
         model (`nn.Module`): The task model, unwrapped (not the peft, DDP or compiled wrapper).
     """
-    explicit = getattr(type(model), "accepts_loss_kwargs", None)
+    explicit = getattr(model, "accepts_loss_kwargs", None)  # as the Trainer reads it
     if isinstance(explicit, bool):
         return explicit
     try:

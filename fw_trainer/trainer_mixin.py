@@ -108,15 +108,29 @@ class FWLoraTrainerMixin:
                 "FW-LoRA does not support `torch.nn.DataParallel` (several GPUs in one process): launch one process "
                 "per GPU with `accelerate launch` or `torchrun` instead."
             )
-        self._check_model()
+        self._check_model(self.model)
+
+    def call_model_init(self, trial=None):
+        """`Trainer.call_model_init`, and the checks of [`_check_model`] on the model it builds (a hyper-parameter
+        search builds every trial's model here, with that trial's method arguments)."""
+        model = super().call_model_init(trial)
+        if hasattr(self, "fw_args"):  # in `Trainer.__init__`, `__init__` checks the model once the method is known
+            self._check_model(model)
+        return model
 
     def _loss_is_the_models(self) -> bool:
-        """Whether the training loss is the model's own output: the Trainer's `compute_loss` (not a subclass's, such
-        as `SFTTrainer`'s, which normalises by `num_items_in_batch` itself) and no `compute_loss_func`."""
-        trainer_compute_loss = getattr(super().compute_loss, "__func__", None)
-        return trainer_compute_loss is Trainer.compute_loss and self.compute_loss_func is None
+        """Whether the training loss is the model's own output: the Trainer's `compute_loss` on both sides of this
+        mixin (not a subclass's, such as `SFTTrainer`'s, which normalises by `num_items_in_batch` itself) and no
+        `compute_loss_func`."""
+        below = getattr(super().compute_loss, "__func__", None)
+        above = type(self).compute_loss
+        return (
+            below is Trainer.compute_loss
+            and above is FWLoraTrainerMixin.compute_loss
+            and self.compute_loss_func is None
+        )
 
-    def _check_model(self) -> None:
+    def _check_model(self, model: nn.Module) -> None:
         """
         Refuses, before anything trains, a model or engine on which the method would not be what it says: a LoRA
         method needs one active LoRA adapter; FW-LoRA and IW-LoRA also need one that they measure and penalise exactly
@@ -126,7 +140,7 @@ class FWLoraTrainerMixin:
             `UsageError`: Saying what is wrong and what to do.
         """
         if self.fw_args.uses_fisher_weights:
-            find_adapted_matrices(self.model)
+            find_adapted_matrices(model)
             if self.is_fsdp_enabled or self.is_deepspeed_enabled:
                 engine = "FSDP" if self.is_fsdp_enabled else "DeepSpeed"
                 raise UsageError(
@@ -136,7 +150,7 @@ class FWLoraTrainerMixin:
                     "`lora` as a baseline under this engine."
                 )
         elif self.fw_args.uses_lora:
-            active_lora_adapter(self.model)
+            active_lora_adapter(model)
 
     def set_method_arguments(self, fw_args: FWLoraArguments) -> None:
         """
@@ -233,7 +247,9 @@ class FWLoraTrainerMixin:
         # No all-reduce of gradients that nobody uses: each process measures its own micro-batches.
         with self.accelerator.no_sync(model):
             with self.compute_loss_context_manager():
-                loss = super().compute_loss(model, inputs)
+                # The model's own loss, through `Trainer.compute_loss` itself: a subclass's (`SFTTrainer`'s) would count
+                # these batches, which train nothing, in its token and accuracy metrics.
+                loss = Trainer.compute_loss(self, model, inputs)
             self.accelerator.backward(self.fisher_callback.loss_to_backpropagate(loss))
         model.zero_grad(set_to_none=True)
 
@@ -297,7 +313,9 @@ class FWLoraTrainerMixin:
             # What peft's forward adds, outside `task_loss`: it still trains the model as peft intends.
             orthogonality = adalora.orthogonality_penalty(self.model)
             self._fw_metrics["adalora_orth_penalty"].append(orthogonality.detach())
-            loss = loss + self.fw_args.adalora_orth_reg_weight * orthogonality
+            # Once per step, as peft adds it: a loss normalised over the step's tokens is not divided by the
+            # accumulation steps afterwards, so its share of the step is added to each micro-batch.
+            loss = loss + self.fw_args.adalora_orth_reg_weight * orthogonality / micro_batches
         if self.fisher_callback is not None:
             # Lets the warm-up's hooks undo what scales the loss from here on (1 / GA, an fp16 loss scale).
             loss = self.fisher_callback.loss_to_backpropagate(loss, micro_batches)

@@ -171,3 +171,27 @@ def test_penalty_equals_brute_force_with_get_delta_weight(model_type):
     for matrix in matrices:
         layout = (matrix.d_in, matrix.d_out) if model_type == "gpt2" else (matrix.d_out, matrix.d_in)
         assert matrix.layer.get_delta_weight("default").shape == matrix.base_weight.shape == layout
+
+
+def test_adalora_on_a_causal_lm_trains_the_same_under_accumulation(tmp_path):
+    """One step of 4 rows, or of 2 micro-batches of 2: the token-normalised loss and AdaLoRA's orthogonality term (once
+    per step) are the same. Before the fix the term was added in full to each micro-batch: twice as strong."""
+    dataset = CausalLMDataset(size=4, seed=1)
+    fw_args = FWLoraArguments(method="adalora", lora_r=2, adalora_orth_reg_weight=5.0)
+
+    def trained(batch_size, accumulation):
+        torch.manual_seed(0)
+        model, _ = build_peft_model(tiny_decoder("llama"), fw_args)
+        args = training_args(
+            tmp_path / str(accumulation),
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            learning_rate=1e-2,
+        )
+        SequentialFWLoraTrainer(model=model, args=args, train_dataset=dataset, fw_args=fw_args).train()
+        return adapters(model)
+
+    whole, accumulated = trained(4, 1), trained(2, 2)
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-5, atol=1e-7, msg=name)

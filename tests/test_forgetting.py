@@ -7,8 +7,9 @@ import pytest
 import torch
 from conftest import DEVICES, tiny_roberta
 from peft import LoraConfig, get_peft_model
+from tiny_decoders import tiny_decoder
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import BertConfig, BertForMaskedLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fw_trainer.errors import UsageError
 from fw_trainer.forgetting import forgetting_record, language_modelling_loss, read_held_out_texts
@@ -37,16 +38,7 @@ def tiny_tokenizer(pad: bool = True) -> PreTrainedTokenizerFast:
 
 
 def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=32,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_decoder("llama", seed=seed, vocab_size=vocab_size)
 
 
 def brute_force_loss(model, tokenizer, texts) -> torch.Tensor:

@@ -140,3 +140,20 @@ def test_a_quantised_base_is_refused(tmp_path):
     model = get_peft_model(base, lora_config())
     with pytest.raises(UsageError, match="model.layers.0.self_attn.q_proj.*quantised or packed weight"):
         FWLoraTrainer(model=model, args=training_args(tmp_path), fw_args=FWLoraArguments(method="fw_lora"))
+
+
+def test_a_trial_model_built_by_model_init_is_checked_too(tmp_path):
+    """A hyper-parameter search builds each trial's model inside `train()`: it gets the same checks as the first."""
+    trainer = fw_trainer(get_peft_model(tiny_decoder("llama"), lora_config()), tmp_path)
+    trainer.model_init = lambda trial=None: get_peft_model(tiny_decoder("llama"), lora_config(use_dora=True))
+    with pytest.raises(UsageError, match="use_dora=True"):
+        trainer.train()
+
+
+def test_a_tied_lm_head_named_as_a_target_is_refused(tmp_path):
+    """Gemma ties its LM head to the input embedding: its gradient has an embedding part the tap does not see."""
+    base = tiny_decoder("gemma")
+    assert base.lm_head.weight is base.get_input_embeddings().weight
+    model = get_peft_model(base, decoder_lora_config("gemma", target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(UsageError, match="`lm_head` shares its weight with an embedding"):
+        fw_trainer(model, tmp_path)
