@@ -15,9 +15,10 @@ from fw_trainer.identity import RUN_FIELD_ARGUMENTS, resume_rules, run_identity
 
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+# README.md and the pages it links to in docs/: the same checks hold for every page.
+README = "\n".join(path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
 # Paths inside the repository, as README.md writes them (`configs/...`, `fw_trainer/glue/run.py`, ...).
-PATH = re.compile(r"(?<![\w/.-])((?:configs|benchmarks|examples|scripts|tests|fw_trainer|results)/[\w./-]*[\w/])")
+PATH = re.compile(r"(?<![\w/.-])((?:configs|benchmarks|examples|scripts|tests|fw_trainer|results|docs)/[\w./-]*[\w/])")
 DOTTED = re.compile(r"\bfw_trainer(?:\.\w+)+")
 CLASS_ATTRIBUTE = re.compile(r"`([A-Z]\w+)\.(\w+)")
 MODULE_RUN = re.compile(r"python -m ([\w.]+)")
