@@ -13,6 +13,10 @@ STATISTICS = ("sq_norm", "norm")
 AVERAGES = ("ema", "mean")
 WARMUP_MODES = ("train", "calibrate")
 ESTIMATORS = ("auto", "exact", "sketch")
+# peft's `init_lora_weights` values a run can ask for without extra data (EVA, CorDA and LoftQ need their own setup).
+LORA_INITIALISATIONS = ("true", "false", "gaussian", "pissa", "olora")
+# Those that rewrite the base weight (`W − s B₀A₀`): FW-LoRA's measurement and penalty assume the pretrained `W`.
+BASE_REWRITING_INITIALISATIONS = ("pissa", "olora")
 # What `method="iw_lora"` (the earlier IW-LoRA proposal) sets, where the user leaves an option unset.
 IW_LORA_PRESET = {"fw_statistic": "norm", "fw_average": "mean", "fw_warmup_mode": "calibrate", "fw_warmup_steps": 200}
 FW_LORA_DEFAULTS = {"fw_statistic": "sq_norm", "fw_average": "ema", "fw_warmup_mode": "train", "fw_warmup_steps": 500}
@@ -85,8 +89,16 @@ class FWLoraArguments:
         lora_dropout (`float`, *optional*, defaults to `0.0`):
             Dropout on the LoRA branch input.
         lora_target_modules (`list[str]`, *optional*):
-            Module names (or name suffixes) to adapt. Defaults to the six roles of every encoder layer: query, key,
-            value, attention output, FFN in, FFN out.
+            Module names (or name suffixes) to adapt. Defaults to every role of every layer of the architecture: the
+            six of an encoder (query, key, value, attention output, FFN in, FFN out), a decoder's attention and FFN
+            projections.
+        lora_use_dora (`bool`, *optional*, defaults to `False`):
+            peft's DoRA (`--use_dora`): a LoRA baseline only (`method="lora"`); FW-LoRA and IW-LoRA refuse it.
+        lora_use_rslora (`bool`, *optional*, defaults to `False`):
+            peft's rsLoRA scaling `lora_alpha / sqrt(r)` (`--use_rslora`), for every LoRA method.
+        lora_init_weights (`str`, *optional*, defaults to `"true"`):
+            peft's `init_lora_weights` (`--init_lora_weights`): `"true"` (B = 0), `"false"`, `"gaussian"`, or
+            `"pissa"`/`"olora"`, which rewrite the base weight and are therefore a LoRA baseline only.
         adalora_init_r_ratio (`float`, *optional*, defaults to `1.5`):
             AdaLoRA's initial rank is `ceil(adalora_init_r_ratio * lora_r)`.
         adalora_tinit (`float`, *optional*, defaults to `0.1`):
@@ -153,6 +165,21 @@ class FWLoraArguments:
     lora_target_modules: Optional[list[str]] = field(
         default=None,
         metadata={"help": "Modules to adapt (names or suffixes). Default: q, k, v, attn-out, FFN in, FFN out."},
+    )
+    lora_use_dora: bool = field(
+        default=False, metadata={"help": "DoRA (peft's use_dora); method lora only.", "aliases": ["--use_dora"]}
+    )
+    lora_use_rslora: bool = field(
+        default=False,
+        metadata={"help": "rsLoRA scaling alpha / sqrt(r) (peft's use_rslora).", "aliases": ["--use_rslora"]},
+    )
+    lora_init_weights: str = field(
+        default="true",
+        metadata={
+            "help": "peft's init_lora_weights; pissa and olora rewrite the base weight: method lora only.",
+            "choices": LORA_INITIALISATIONS,
+            "aliases": ["--init_lora_weights"],
+        },
     )
     adalora_init_r_ratio: float = field(default=1.5, metadata={"help": "AdaLoRA initial rank = ceil(ratio * lora_r)."})
     adalora_tinit: float = field(
@@ -250,6 +277,41 @@ class FWLoraArguments:
             )
         if self.lora_target_modules is not None and len(self.lora_target_modules) == 0:
             raise ValueError("`lora_target_modules` should name at least one module, but an empty list was passed.")
+        self._check_lora_variant()
+
+    def _check_lora_variant(self) -> None:
+        """LoRA variants are options of LoRA's adapter: none for AdaLoRA or full fine-tuning, and, for FW-LoRA and
+        IW-LoRA, only those whose measurement and penalty are exact (see `fw_trainer.adapted_matrices`)."""
+        variants = [
+            f"--{name}"
+            for name, chosen in (
+                ("use_dora", self.lora_use_dora),
+                ("use_rslora", self.lora_use_rslora),
+                (f"init_lora_weights {self.lora_init_weights}", self.lora_init_weights != "true"),
+            )
+            if chosen
+        ]
+        if variants and self.method in ("adalora", "full"):
+            raise ValueError(
+                f"{', '.join(variants)} set(s) up a LoRA adapter, but method {self.method!r} has none of LoRA's: use "
+                "it with --method lora (or fw_lora, iw_lora where FW-LoRA measures it exactly)."
+            )
+        unmeasured = [
+            variant
+            for variant in variants
+            if variant == "--use_dora" or variant.split()[-1] in BASE_REWRITING_INITIALISATIONS
+        ]
+        if unmeasured and self.uses_fisher_weights:
+            raise ValueError(
+                f"FW-LoRA and IW-LoRA cannot measure or penalise an adapter with {', '.join(unmeasured)} exactly (DoRA "
+                "rescales each output row by a trained magnitude; PiSSA and OLoRA rewrite the base weight). Run it as a "
+                "baseline with --method lora."
+            )
+
+    @property
+    def init_lora_weights(self) -> Any:
+        """`lora_init_weights` as peft's `init_lora_weights` takes it (`True`, `False` or the method's name)."""
+        return {"true": True, "false": False}.get(self.lora_init_weights, self.lora_init_weights)
 
     @property
     def uses_fisher_weights(self) -> bool:

@@ -57,6 +57,9 @@ RUN_FIELD_ARGUMENTS = {
     "lora_alpha": "--lora_alpha",
     "lora_dropout": "--lora_dropout",
     "target_modules": "--lora_target_modules (as resolved)",
+    "use_dora": "--use_dora",
+    "use_rslora": "--use_rslora",
+    "init_lora_weights": "--init_lora_weights",
     **{name: f"--{name}" for name in TRAINING_FIELDS},
 }
 # The method's own arguments, by method: the `FWLoraArguments` fields with these prefixes (rank, alpha, dropout and
@@ -79,7 +82,8 @@ def run_identity(
     `run` must be the same for a checkpoint to be resumed: the base model (`base_model`, its `model_type` and
     `num_labels`), the data (`data`: the task and what selects the training examples), the `method` and the
     arguments of that method only (`fw_*` for FW-LoRA and IW-LoRA, `adalora_*` for AdaLoRA), the adapter as built
-    (`rank`, `init_rank` for AdaLoRA, `lora_alpha`, `lora_dropout`, `target_modules` as resolved module names) and the
+    (`rank`, `init_rank` for AdaLoRA, `lora_alpha`, `lora_dropout`, `target_modules` as resolved module names, and
+    `use_dora`, `use_rslora`, `init_lora_weights` where a LoRA variant was chosen) and the
     optimisation ([`TRAINING_FIELDS`]).
 
     `environment` may differ, with a warning: the library versions (torch, transformers, peft, fw-lora), the number
@@ -121,6 +125,10 @@ def run_identity(
         run["lora_alpha"] = peft_config.lora_alpha
         run["lora_dropout"] = peft_config.lora_dropout
         run["target_modules"] = sorted(peft_config.target_modules)
+        # LoRA variants, where chosen: a plain run's identity stays what it was before they could be.
+        for option, plain in (("use_dora", False), ("use_rslora", False), ("init_lora_weights", True)):
+            if getattr(peft_config, option, plain) != plain:
+                run[option] = getattr(peft_config, option)
     run.update({name: getattr(args, name) for name in TRAINING_FIELDS})
     environment = {
         "torch": torch.__version__,

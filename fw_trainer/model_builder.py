@@ -302,7 +302,13 @@ def build_peft_model(
             **common,
         )
     else:
-        config = LoraConfig(r=rank, **common)
+        config = LoraConfig(
+            r=rank,
+            use_dora=args.lora_use_dora,
+            use_rslora=args.lora_use_rslora,
+            init_lora_weights=args.init_lora_weights,
+            **common,
+        )
     peft_model = get_peft_model(model, config)
 
     adapter_params = sum(p.numel() for name, p in peft_model.named_parameters() if "lora_" in name)
