@@ -29,7 +29,8 @@ class FisherWeightedPenalty:
     Two ways to use it:
 
     - `penalty()`: `R` as a differentiable scalar, to add to a loss (any training loop; autograd then adds one
-      gradient accumulation per LoRA tensor, 144 small kernels on roberta-base);
+      gradient accumulation per LoRA tensor, 144 small kernels on roberta-base). Under FSDP2 (`fully_shard`) this is
+      the way: the sharded factors are gathered for it, and its gradient reaches the shards through autograd;
     - `penalty.backward(scale)`: adds `scale · ∇R` straight into the LoRA tensors' `.grad`, from the analytic gradient
       (`∂P/∂A = 2 s² BᵀB A`, `∂P/∂B = 2 s² B A Aᵀ`), with one `torch._foreach_add_` per group: about a dozen kernels
       per distinct shape, forward and backward together, whatever the number of matrices. It returns `R`. Since `R`
@@ -66,6 +67,9 @@ class FisherWeightedPenalty:
                 squared_scalings = [matrices[i].scaling ** 2 for i in indices]
                 coefficients = coefficients * torch.tensor(squared_scalings, dtype=torch.float32, device=device)
             self._groups.append((a_params, b_params, coefficients))
+        # FSDP2 (`fully_shard`) holds each parameter as a sharded DTensor: `R` is then computed from the gathered
+        # factors (autograd reduce-scatters its gradient into the shards), and the analytic `.grad` path is refused.
+        self._sharded = any(hasattr(matrix.lora_A, "full_tensor") for matrix in matrices)
 
     @property
     def num_groups(self) -> int:
@@ -86,6 +90,8 @@ class FisherWeightedPenalty:
     ) -> tuple[torch.Tensor, ...]:
         """One group's stacked factors `A` `(G, r, d_in)` and `B` `(G, d_out, r)` in fp32, and for the exact penalty
         their Gram matrices `A Aᵀ` and `BᵀB` `(G, r, r)` (else `None`), and `P_m` per matrix `(G,)`."""
+        if self._sharded:
+            a_params, b_params = [p.full_tensor() for p in a_params], [p.full_tensor() for p in b_params]
         a = torch.stack(a_params).float()
         b = torch.stack(b_params).float()
         if self.penalty == "delta":
@@ -121,6 +127,11 @@ class FisherWeightedPenalty:
 
     @torch.no_grad()
     def _backward(self, bmm: BatchedProduct, scale: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
+        if self._sharded:
+            raise RuntimeError(
+                "The LoRA factors are sharded (FSDP2's DTensor parameters): the penalty's gradient cannot be written "
+                "into their `.grad`. Add `λ * penalty()` to the loss instead; autograd carries it into the shards."
+            )
         total = None
         twice_scale = 2 * scale  # d/dX of c·P(X) is 2c times the factor below, per matrix
         with autocast_disabled(self._groups[0][0][0].device):

@@ -144,10 +144,11 @@ class FWLoraTrainerMixin:
             if self.is_fsdp_enabled or self.is_deepspeed_enabled:
                 engine = "FSDP" if self.is_fsdp_enabled else "DeepSpeed"
                 raise UsageError(
-                    f"FW-LoRA and IW-LoRA are not tested under {engine}, which shards the gradients: the penalty's "
-                    "gradient, written into `.grad`, could be lost there, so they are refused rather than assumed to "
-                    "work. Train with DDP (`accelerate launch` with a plain multi-GPU config), or run the method "
-                    "`lora` as a baseline under this engine."
+                    f"FW-LoRA and IW-LoRA are not tested under {engine} through the Trainer, which adds the penalty's "
+                    "gradient into `.grad` (sharded there): they are refused rather than assumed to work. Train with "
+                    "DDP (`accelerate launch` with a plain multi-GPU config), run `lora` as a baseline under this "
+                    "engine, or, for FSDP2, drive `FisherEstimator` and `FisherWeightedPenalty` from your own loop "
+                    "with the penalty in the loss (tested under `fully_shard`: tests/test_fsdp.py)."
                 )
         elif self.fw_args.uses_lora:
             active_lora_adapter(model)

@@ -21,7 +21,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_torchrun(output_dir) -> None:
+def run_torchrun(output_dir, worker: str = WORKER) -> None:
+    """Runs `worker OUTPUT_DIR` in NUM_PROCESSES processes under torchrun (gloo, CPU, one thread each)."""
     command = [
         sys.executable,
         "-m",
@@ -32,7 +33,7 @@ def run_torchrun(output_dir) -> None:
         "127.0.0.1",
         "--master_port",
         str(free_port()),
-        WORKER,
+        worker,
         str(output_dir),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
