@@ -18,6 +18,12 @@ from transformers.pytorch_utils import Conv1D
 from .errors import UsageError
 
 
+try:  # peft defines its bitsandbytes LoRA layers only where bitsandbytes is installed (`pip install fw-lora[bnb]`)
+    from peft.tuners.lora.bnb import Linear4bit as _LORA_LINEAR_4BIT
+except ImportError:
+    _LORA_LINEAR_4BIT = None
+
+
 # peft prefixes every module name with these; users read names as they appear in the base model.
 _PEFT_PREFIXES = ("base_model.model.", "module.")
 
@@ -227,25 +233,35 @@ def check_lora_config(config: Any, adapter_name: str) -> None:
         )
 
 
+def _unsupported_layer(name: str, layer: LoraLayer, base: nn.Module) -> UsageError:
+    return UsageError(
+        f"FW-LoRA supports LoRA on `nn.Linear`, GPT-2 style `Conv1D` and bitsandbytes 4-bit linear layers only, but "
+        f"`{name}` is a {type(layer).__name__} on a {type(base).__name__}. Remove it from the LoRA targets "
+        "(`lora_target_modules`)."
+    )
+
+
 def _check_layer(name: str, layer: LoraLayer, adapter_name: str) -> None:
     """Refuses a LoRA layer on which FW-LoRA would not be exact (see [`find_adapted_matrices`])."""
     base = layer.get_base_layer()
     shape = matrix_shape(base)
-    if type(layer) is not LoraLinear or shape is None:
-        raise UsageError(
-            f"FW-LoRA supports LoRA on `nn.Linear` and GPT-2 style `Conv1D` layers only, but `{name}` is a "
-            f"{type(layer).__name__} on a {type(base).__name__}. Remove it from the LoRA targets "
-            "(`lora_target_modules`)."
-        )
-    weight = base.weight
-    expected = shape if not isinstance(base, Conv1D) else shape[::-1]
-    if not weight.is_floating_point() or tuple(weight.shape) != expected:
-        raise UsageError(
-            f"`{name}` ({type(base).__name__}) holds a quantised or packed weight (dtype {weight.dtype}, shape "
-            f"{tuple(weight.shape)} for a {shape[0]} x {shape[1]} matrix): FW-LoRA's Fisher tap and penalty are "
-            "tested on floating-point bases only, and quantised bases are refused rather than assumed to work. Load "
-            "the base model in bf16/fp16/fp32, or train the quantised model as a `method='lora'` baseline."
-        )
+    if shape is None:
+        raise _unsupported_layer(name, layer, base)
+    if type(layer) is _LORA_LINEAR_4BIT:
+        pass  # QLoRA: `y = X Wᵀ + s·B A X` with W the dequantised 4-bit weight, whose packed storage is expected
+    else:
+        weight = base.weight
+        expected = shape if not isinstance(base, Conv1D) else shape[::-1]
+        if not weight.is_floating_point() or tuple(weight.shape) != expected:
+            raise UsageError(
+                f"`{name}` ({type(base).__name__}) holds a quantised or packed weight (dtype {weight.dtype}, shape "
+                f"{tuple(weight.shape)} for a {shape[0]} x {shape[1]} matrix) of a kind FW-LoRA does not measure "
+                "(8-bit bases quantise the activations too, so the layer is not `X Wᵀ`): it is refused rather than "
+                "assumed to work. Load the base in 4 bits (bitsandbytes' `load_in_4bit`) or in bf16/fp16/fp32, or "
+                "train this model as a `method='lora'` baseline."
+            )
+        if type(layer) is not LoraLinear:
+            raise _unsupported_layer(name, layer, base)
     for option, flags in (("use_dora", layer.use_dora), ("lora_bias", layer.lora_bias)):
         if flags.get(adapter_name, False):
             raise UsageError(
