@@ -1,7 +1,7 @@
 """
 FW-LoRA supervised fine-tuning of a decoder LLM with trl's `SFTTrainer` (`pip install fw-lora[trl]`).
 
-Offline, as written, in about a minute on a CPU: a tiny random Llama, a word-level tokenizer and a small instruction set
+Offline, as written, in seconds on a CPU: a tiny random Llama, a word-level tokenizer and a small instruction set
 (arithmetic questions and answers) that the script writes itself; the loss is on the completions only. With Hub
 access, pass a model name (and its tokenizer is used) and your own prompt/completion JSON Lines file:
 
@@ -30,6 +30,7 @@ from fw_trainer import FWLoraArguments, build_peft_model
 from fw_trainer.forgetting import forgetting_record, language_modelling_loss, read_held_out_texts
 from fw_trainer.run_environment import write_run_environment
 from fw_trainer.sft import FWLoraSFTTrainer
+from fw_trainer.state_files import write_json_atomic
 
 
 def write_instruction_set(path: str, size: int = 256, seed: int = 0) -> None:
@@ -153,10 +154,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     )
     trainer.train()
     trainer.save_model()
-    write_run_environment(args.output_dir, trainer.args.device, trainer.args.world_size)
     record = forgetting_record(before, language_modelling_loss(trainer.model, tokenizer, held_out_texts))
-    with open(os.path.join(args.output_dir, "forgetting.json"), "w", encoding="utf-8") as file:
-        json.dump(record, file, indent=2)
+    if trainer.is_world_process_zero():
+        write_run_environment(args.output_dir, trainer.args.device, trainer.args.world_size)
+        write_json_atomic(os.path.join(args.output_dir, "forgetting.json"), record)
     print(f"held-out LM loss: {record['held_out_loss_before']:.4f} before, {record['held_out_loss_after']:.4f} after")
     print(trainer.fisher_callback.format_table())
     return record

@@ -120,8 +120,8 @@ TARGET_ROLES_BY_MODEL_TYPE = {**ENCODER_TARGET_ROLES, **DECODER_TARGET_ROLES}
 
 # The numbered transformer layers: `encoder.layer.N` (BERT family, DistilBERT's `transformer.layer.N`), `layers.N`
 # (Llama family, GPT-NeoX, OPT's `decoder.layers.N`) and `h.N` (GPT-2).
-_LAYER_INDEX = re.compile(r"\.(?:layer|layers|h)\.(\d+)\.")
-_LAYER_PART = re.compile(r"\.(?:layer|layers|h)\.\d+\.")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|h)\.(\d+)\.")
+_LAYER_PART = re.compile(r"(?:^|\.)(?:layer|layers|h)\.\d+\.")
 
 
 def role_pattern(suffix: str) -> re.Pattern:

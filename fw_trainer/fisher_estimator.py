@@ -30,7 +30,8 @@ class _LossGradientProbe(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        ctx.estimator._loss_grad = grad_output.detach().float() / ctx.micro_batches
+        loss_grad = grad_output.detach().float()
+        ctx.estimator._loss_grad = loss_grad / ctx.micro_batches if ctx.micro_batches != 1 else loss_grad
         return grad_output, None, None
 
 

@@ -119,16 +119,12 @@ class FWLoraTrainerMixin:
         return model
 
     def _loss_is_the_models(self) -> bool:
-        """Whether the training loss is the model's own output: the Trainer's `compute_loss` on both sides of this
-        mixin (not a subclass's, such as `SFTTrainer`'s, which normalises by `num_items_in_batch` itself) and no
-        `compute_loss_func`."""
+        """Whether the training loss is the model's own output: the Trainer's `compute_loss` below this mixin (not a
+        subclass's, such as `SFTTrainer`'s, which normalises by `num_items_in_batch` itself) and no
+        `compute_loss_func`. A subclass above the mixin that computes a loss of its own, normalised over the
+        accumulated batch, says so with the Trainer's `loss_is_scaled_for_ga = True`."""
         below = getattr(super().compute_loss, "__func__", None)
-        above = type(self).compute_loss
-        return (
-            below is Trainer.compute_loss
-            and above is FWLoraTrainerMixin.compute_loss
-            and self.compute_loss_func is None
-        )
+        return below is Trainer.compute_loss and self.compute_loss_func is None
 
     def _check_model(self, model: nn.Module) -> None:
         """
@@ -309,14 +305,14 @@ class FWLoraTrainerMixin:
         micro_batches = (
             self.current_gradient_accumulation_steps if self._loss_is_scaled_for_ga(num_items_in_batch) else 1
         )
-        self._fw_metrics["task_loss"].append(loss.detach() * micro_batches)
+        self._fw_metrics["task_loss"].append(loss.detach() * micro_batches if micro_batches != 1 else loss.detach())
         if adalora is not None and self.fw_args.adalora_orth_reg_weight > 0:
             # What peft's forward adds, outside `task_loss`: it still trains the model as peft intends.
             orthogonality = adalora.orthogonality_penalty(self.model)
             self._fw_metrics["adalora_orth_penalty"].append(orthogonality.detach())
             # Once per step, as peft adds it: a loss normalised over the step's tokens is not divided by the
             # accumulation steps afterwards, so its share of the step is added to each micro-batch.
-            loss = loss + self.fw_args.adalora_orth_reg_weight * orthogonality / micro_batches
+            loss = loss + orthogonality * (self.fw_args.adalora_orth_reg_weight / micro_batches)
         if self.fisher_callback is not None:
             # Lets the warm-up's hooks undo what scales the loss from here on (1 / GA, an fp16 loss scale).
             loss = self.fisher_callback.loss_to_backpropagate(loss, micro_batches)

@@ -158,3 +158,10 @@ def test_a_tied_lm_head_named_as_a_target_is_refused(tmp_path):
     model = get_peft_model(base, decoder_lora_config("gemma", target_modules=["q_proj", "lm_head"]))
     with pytest.raises(UsageError, match="`lm_head` shares its weight with an embedding"):
         fw_trainer(model, tmp_path)
+
+
+def test_a_merged_adapter_is_refused():
+    model = get_peft_model(tiny_decoder("llama"), lora_config())
+    model.merge_adapter()
+    with pytest.raises(UsageError, match="merged into the base weight"):
+        find_adapted_matrices(model)

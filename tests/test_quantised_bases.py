@@ -92,5 +92,7 @@ def test_an_eight_bit_base_is_refused(model_dir, tmp_path):
         model_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.float32
     )
     model = get_peft_model(eight_bit, decoder_lora_config("llama"))
-    with pytest.raises(UsageError, match="Linear8bitLt.*quantised or packed weight.*8-bit bases quantise the activations"):
+    with pytest.raises(
+        UsageError, match="Linear8bitLt.*quantised or packed weight.*8-bit bases quantise the activations"
+    ):
         find_adapted_matrices(model)

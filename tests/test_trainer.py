@@ -10,7 +10,7 @@ from conftest import DEVICES, TokenDataset, lora_model, training_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import Trainer
 
-from fw_trainer import FWLoraTrainer, find_adapted_matrices
+from fw_trainer import FWLoraArguments, FWLoraTrainer, find_adapted_matrices
 from fw_trainer.state_files import IMPORTANCE_FILE
 
 
@@ -147,3 +147,34 @@ def test_each_model_from_model_init_gets_its_own_warmup(tmp_path):
     for param, first_param in zip(trainer.model.parameters(), first_model.parameters()):
         torch.testing.assert_close(param, first_param, rtol=1e-6, atol=1e-8)
     assert not any(matrix.layer._forward_hooks for matrix in find_adapted_matrices(first_model))
+
+
+def test_a_subclass_overriding_compute_loss_keeps_the_accumulation_fix(tmp_path):
+    """RoBERTa ignores `num_items_in_batch`: a subclass whose `compute_loss` only wraps the mixin's still has the
+    Trainer divide the loss by the accumulation steps (before the fix it did not: the logged loss came out 2x)."""
+
+    class Logging(FWLoraTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    model, _ = lora_model("lora")
+    trainer = Logging(
+        model=model, args=training_args(tmp_path, gradient_accumulation_steps=2), fw_args=FWLoraArguments("lora")
+    )
+    assert trainer.model_accepts_loss_kwargs is False
+
+
+def test_fw_lora_trainer_class_composes_with_seq2seq_trainer(tmp_path):
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    from fw_trainer import fw_lora_trainer_class
+
+    trainer_class = fw_lora_trainer_class(Seq2SeqTrainer)
+    assert issubclass(trainer_class, Seq2SeqTrainer) and fw_lora_trainer_class(trainer_class) is trainer_class
+    model, fw_args = lora_model("fw_lora", fw_warmup_steps=2)
+    args = Seq2SeqTrainingArguments(
+        str(tmp_path), max_steps=3, per_device_train_batch_size=8, report_to="none", use_cpu=True, save_strategy="no"
+    )
+    trainer = trainer_class(model=model, args=args, train_dataset=TokenDataset(32), fw_args=fw_args)
+    trainer.train()
+    assert trainer.fisher_callback.frozen_at_step == 2

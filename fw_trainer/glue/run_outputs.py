@@ -1,7 +1,7 @@
 """
 What the GLUE script writes beside run_glue's files (`adapter_summary.json`, `delta_weight_norms.json`,
-`run_environment.json`, `eval_predictions_{task}.tsv`), the names of the files a finished run holds, and its report on
-standard output.
+`eval_predictions_{task}.tsv`; `run_environment.json` comes from `fw_trainer/run_environment.py`), the names of the
+files a finished run holds, and its report on standard output.
 """
 
 import os
