@@ -1,5 +1,5 @@
-"""AdaLoRA in a `Trainer`: drives peft's rank allocator from the optimizer steps (peft ships no such callback), and keeps
-its orthogonality regulariser out of the losses that compare with other methods."""
+"""AdaLoRA in a `Trainer`: drives peft's rank allocator from the optimizer steps (peft ships no such callback), and
+keeps its orthogonality regulariser out of the losses that compare with other methods."""
 
 import logging
 import os
@@ -27,8 +27,8 @@ class AdaLoraAllocationCallback(TrainerCallback):
 
     When training begins, AdaLoRA's `total_step`, `tinit` and `tfinal` are set from the Trainer's real number of
     optimizer steps (`tinit`/`tfinal` below 1 are fractions of it). The current total rank budget is exposed as
-    [`budget`] for logging, and the final rank pattern is written to `output_dir/adalora_rank_pattern.json` (and kept in
-    the adapter config that `save_pretrained` writes).
+    [`budget`] for logging, and the final rank pattern is written to `output_dir/adalora_rank_pattern.json` (and kept
+    in the adapter config that `save_pretrained` writes).
 
     Args:
         tinit (`float`): Steps before pruning starts (a fraction of the total if below 1).

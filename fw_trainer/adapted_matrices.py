@@ -28,9 +28,9 @@ except ImportError:
 _PEFT_PREFIXES = ("base_model.model.", "module.")
 
 # `LoraConfig` fields whose value, whatever it is, leaves `y = base(x) + s · B A x` with the pretrained `W` in `base`:
-# the form under which the Fisher tap measures `‖∇W‖²` exactly and `ΔW = s B A` is the change from the pretrained weight.
-# Every other field must keep its default (see [`check_lora_config`]): an option peft adds later is refused until it
-# is checked, never assumed to work.
+# the form under which the Fisher tap measures `‖∇W‖²` exactly and `ΔW = s B A` is the change from the pretrained
+# weight. Every other field must keep its default (see [`check_lora_config`]): an option peft adds later is refused
+# until it is checked, never assumed to work.
 MEASURED_LORA_OPTIONS = frozenset(
     {
         "task_type",
@@ -170,14 +170,15 @@ def active_lora_adapter(model: nn.Module, adapter_name: Optional[str] = None) ->
         adapter_name (`str`, *optional*): The adapter expected; refused if it is not the active one.
 
     Raises:
-        `UsageError`: If the model has no LoRA layer, several adapters are active at once, or `adapter_name` is not active.
+        `UsageError`: If the model has no LoRA layer, several adapters are active at once, or `adapter_name` is
+            not active.
     """
     layers = lora_layers(model)
     if not layers:
         raise UsageError(
-            f"The model ({type(model).__name__}) has no LoRA adapter, so there is nothing for LoRA or FW-LoRA to train. "
-            "Wrap it with `peft.get_peft_model(model, LoraConfig(...))` (or `fw_trainer.build_peft_model`) first, or "
-            "train it with `method='full'`."
+            f"The model ({type(model).__name__}) has no LoRA adapter, so there is nothing for LoRA or FW-LoRA to "
+            "train. Wrap it with `peft.get_peft_model(model, LoraConfig(...))` (or `fw_trainer.build_peft_model`) "
+            "first, or train it with `method='full'`."
         )
     active = list(dict.fromkeys(name for _, layer in layers for name in layer.active_adapters if name in layer.lora_A))
     if len(active) != 1:
@@ -265,8 +266,8 @@ def _check_layer(name: str, layer: LoraLayer, adapter_name: str) -> None:
     for option, flags in (("use_dora", layer.use_dora), ("lora_bias", layer.lora_bias)):
         if flags.get(adapter_name, False):
             raise UsageError(
-                f"FW-LoRA cannot measure or penalise adapter {adapter_name!r} exactly with {option}=True (at `{name}`). "
-                "Train it as a baseline with `method='lora'`, or use a plain LoRA adapter for FW-LoRA."
+                f"FW-LoRA cannot measure or penalise adapter {adapter_name!r} exactly with {option}=True (at "
+                f"`{name}`). Train it as a baseline with `method='lora'`, or use a plain LoRA adapter for FW-LoRA."
             )
     if layer.merged or layer.disable_adapters:
         raise UsageError(
@@ -284,8 +285,8 @@ def find_adapted_matrices(model: nn.Module, adapter_name: Optional[str] = None) 
     the classifier head (trained in full through `modules_to_save`) never take part in the Fisher proxy or the
     penalty. Refused, each with one [`UsageError`] that names the option, adapter or layer: a model without LoRA
     layers; several active adapters, or `adapter_name` not the active one; an adapter config outside
-    [`check_lora_config`] (DoRA, PiSSA and the other initialisations that rewrite `W`, ...); a LoRA layer of another type
-    (embedding, convolution, a quantised base), a merged or disabled adapter; a weight tied to an embedding.
+    [`check_lora_config`] (DoRA, PiSSA and the other initialisations that rewrite `W`, ...); a LoRA layer of another
+    type (embedding, convolution, a quantised base), a merged or disabled adapter; a weight tied to an embedding.
 
     Args:
         model (`nn.Module`): A peft LoRA model, possibly wrapped by DDP, accelerate or `torch.compile`.

@@ -1,8 +1,8 @@
 """
 What FW-LoRA knows of each transformer architecture, encoder or decoder: which linear layer of a transformer layer
-plays which role (query, key, value, attention output, FFN in, FFN out, and a decoder's gate and fused projections), and
-how to read a module's layer and role from its name. The model builder (default LoRA targets) and the figures (layer ×
-role heatmaps) both read these tables, and nothing else keeps a copy.
+plays which role (query, key, value, attention output, FFN in, FFN out, and a decoder's gate and fused projections),
+and how to read a module's layer and role from its name. The model builder (default LoRA targets) and the figures
+(layer × role heatmaps) both read these tables, and nothing else keeps a copy.
 """
 
 import re
@@ -127,30 +127,6 @@ _LAYER_PART = re.compile(r"(?:^|\.)(?:layer|layers|h)\.\d+\.")
 def role_pattern(suffix: str) -> re.Pattern:
     # Anchored at a name boundary, so that e.g. `crossattention.self.query` is not a `query`.
     return re.compile(r"(?:^|\.)(?:" + suffix + r")$")
-
-
-def target_role(model_type: str, module_name: str) -> Optional[str]:
-    """
-    The role that a module plays in its transformer layer, by the default-target table of its architecture.
-
-    Args:
-        model_type (`str`): The model's `config.model_type`, e.g. `"deberta-v2"`.
-        module_name (`str`):
-            A module name as in the base model (`deberta.encoder.layer.3.attention.self.query_proj`); peft's
-            `base_model.model.` prefix does not matter.
-
-    Returns:
-        `Optional[str]`: One of `TARGET_ROLES` (`"query"`, `"key"`, `"value"`, `"qkv"`, `"attention_output"`,
-        `"ffn_gate"`, `"ffn_in"`, `"ffn_gate_up"`, `"ffn_out"`), or `None` if the name plays none of them or
-        `model_type` has no default targets.
-    """
-    roles = TARGET_ROLES_BY_MODEL_TYPE.get(model_type)
-    if roles is None:
-        return None
-    for role, suffix in roles.items():
-        if role_pattern(suffix).search(module_name):
-            return role
-    return None
 
 
 def module_role(module_name: str) -> Optional[str]:

@@ -7,6 +7,8 @@ from typing import Any, NamedTuple, Optional
 
 
 METHODS = ("lora", "adalora", "fw_lora", "iw_lora", "full")
+# The methods that measure importances and penalise the adapters by them.
+FISHER_WEIGHTED_METHODS = ("fw_lora", "iw_lora")
 NORMALIZATIONS = ("sum", "max")
 PENALTIES = ("delta", "factors")
 STATISTICS = ("sq_norm", "norm")
@@ -303,9 +305,9 @@ class FWLoraArguments:
         ]
         if unmeasured and self.uses_fisher_weights:
             raise ValueError(
-                f"FW-LoRA and IW-LoRA cannot measure or penalise an adapter with {', '.join(unmeasured)} exactly (DoRA "
-                "rescales each output row by a trained magnitude; PiSSA and OLoRA rewrite the base weight). Run it as a "
-                "baseline with --method lora."
+                f"FW-LoRA and IW-LoRA cannot measure or penalise an adapter with {', '.join(unmeasured)} exactly "
+                "(DoRA rescales each output row by a trained magnitude; PiSSA and OLoRA rewrite the base weight). "
+                "Run it as a baseline with --method lora."
             )
 
     @property
@@ -316,7 +318,7 @@ class FWLoraArguments:
     @property
     def uses_fisher_weights(self) -> bool:
         """Whether the method measures importances and penalises adapters by them (FW-LoRA and IW-LoRA)."""
-        return self.method in ("fw_lora", "iw_lora")
+        return self.method in FISHER_WEIGHTED_METHODS
 
     @property
     def uses_lora(self) -> bool:
@@ -330,8 +332,8 @@ def resolve_schedule_steps(value: float, total_steps: int) -> int:
 
 
 def default_of(name: str) -> Any:
-    """The default of the [`FWLoraArguments`] field `name`; for an option whose default depends on the method, FW-LoRA's.
-    The estimator and the penalty take their keyword defaults from here, so no default is written twice."""
+    """The default of the [`FWLoraArguments`] field `name`; for an option whose default depends on the method,
+    FW-LoRA's. The estimator and the penalty take their keyword defaults from here, so no default is written twice."""
     if name in FW_LORA_DEFAULTS:
         return FW_LORA_DEFAULTS[name]
     option = _FIELDS[name]

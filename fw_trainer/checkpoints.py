@@ -109,8 +109,8 @@ def _check_weights(checkpoint_dir: str, model: nn.Module) -> None:
     if not isinstance(model, PeftModel):
         if not any(os.path.isfile(os.path.join(checkpoint_dir, name)) for name in _MODEL_WEIGHTS):
             raise CheckpointError(
-                f"The checkpoint {checkpoint_dir} holds no model weights ({SAFE_WEIGHTS_NAME}): it is not a checkpoint "
-                "of full fine-tuning. Resume with the method it was trained with."
+                f"The checkpoint {checkpoint_dir} holds no model weights ({SAFE_WEIGHTS_NAME}): it is not a "
+                "checkpoint of full fine-tuning. Resume with the method it was trained with."
             )
         return
     # peft saves an adapter not named "default" in a subfolder of that name.

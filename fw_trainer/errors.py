@@ -63,11 +63,6 @@ class WarmupDivergedError(RuntimeError):
 USER_FAULTS = (UsageError, WarmupDivergedError)
 
 
-class TrainingDivergedError(RuntimeError):
-    """A run ended with a training loss or a dev metric that is not finite (NaN or infinite): its results mean nothing,
-    though its files are kept for inspection. The message says what diverged, from which step, and what to try."""
-
-
 def _describe_difference(name: str, saved: Any, asked: Any) -> str:
     if isinstance(saved, list) and isinstance(asked, list):
         only_saved = [item for item in saved if item not in asked]

@@ -122,7 +122,7 @@ class FisherEstimator:
         estimator (`str`, *optional*, defaults to `"auto"`):
             `"exact"` (`‖Gᵀ X‖²`, one GEMM), `"sketch"` (`‖(X Z)ᵀ G‖² / k` with `k` Gaussian probes `Z`, drawn afresh
             for every micro-batch) or `"auto"`: the sketch when the adapters live on an accelerator, the exact value on
-            the CPU (see [`resolve_estimator`]). The attribute `estimator` holds the one in use.
+            the CPU (see [`resolve_estimator`]). The attribute `kind` holds the one in use (`"exact"` or `"sketch"`).
         sketch_probes (`int`, *optional*, defaults to `8`): Number `k` of probes of the sketch.
         seed (`int`, *optional*, defaults to `0`):
             Seed of the sketch's own random generator (restarted by [`start`]), so that the training's random stream is
@@ -167,7 +167,7 @@ class FisherEstimator:
                 "FW-LoRA found no weight matrix carrying a LoRA adapter in the model. Wrap the model with "
                 "`peft.get_peft_model(model, LoraConfig(...))` (or `fw_trainer.build_peft_model`) before training."
             )
-        self.estimator = resolve_estimator(estimator, self.matrices[0].lora_A.device)
+        self.kind = resolve_estimator(estimator, self.matrices[0].lora_A.device)
 
         # The statistics live in fp32 on the adapters' device, whatever the default dtype or device.
         like = {"device": self.matrices[0].lora_A.device, "dtype": torch.float32}
@@ -233,7 +233,7 @@ class FisherEstimator:
         not."""
         if self.is_measuring:
             return
-        if self.estimator == "sketch":
+        if self.kind == "sketch":
             device = self.matrices[0].lora_A.device
             self._generator = torch.Generator(device=device).manual_seed(self.seed)  # the probes restart from `seed`
             self._draw_sketch_probes()
@@ -287,7 +287,7 @@ class FisherEstimator:
         norms = [tap.grad if tap.grad is not None else self._zero for tap in self._taps]
         for tap in self._taps:
             tap.grad = None
-        if self.estimator == "sketch":
+        if self.kind == "sketch":
             self._draw_sketch_probes()
         self._step_sum, self._step_count = self._fold(norms, self._loss_grad, self._step_sum, self._step_count)
         self._loss_grad = None
@@ -299,7 +299,7 @@ class FisherEstimator:
         # The taps saw the gradient of the backpropagated objective: divide the factor out before squaring (an fp16
         # loss scale would overflow the square first). The sketch's `‖(X Z)ᵀ G‖²` is k times the estimate.
         micro = (torch.stack(norms) / loss_grad.abs()).square()
-        if self.estimator == "sketch":
+        if self.kind == "sketch":
             micro = micro / self.sketch_probes
         if self.statistic == "norm":
             micro = micro.sqrt()
@@ -363,14 +363,14 @@ class FisherEstimator:
             return None
         x = args[0].detach()
         x = x.reshape(-1, x.shape[-1])
-        if self.estimator == "sketch":
+        if self.kind == "sketch":
             # Only X Z (N × k) waits for the backward pass, not X. This runs inside the model's autocast context,
             # which would turn the product into bf16/fp16: it is switched off here.
             with autocast_disabled(x.device):
                 inputs = torch.mm(x.float(), self._sketch_probes[x.shape[-1]])
         else:
             inputs = x
-        return _FisherTap.apply(output, inputs, self._taps[index], self.estimator == "sketch")
+        return _FisherTap.apply(output, inputs, self._taps[index], self.kind == "sketch")
 
     @torch.no_grad()
     def _draw_sketch_probes(self) -> None:

@@ -13,7 +13,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .adapted_matrices import AdaptedMatrix, find_adapted_matrices
 from .arguments import FWLoraArguments
-from .errors import CheckpointError, RunMismatchError, WarmupDivergedError
+from .compilation import compile_backend
+from .errors import CheckpointError, WarmupDivergedError
 from .fisher_estimator import FisherEstimator
 from .importance import normalize_importances, penalty_weights, shuffled
 from .importance_file import IMPORTANCE_SCHEMA, format_importance_table, state_problem
@@ -28,8 +29,9 @@ from .state_files import (
 logger = logging.getLogger(__name__)
 
 # The `FWLoraArguments` that define the measured statistics and the weights, recorded in `fw_importance.json` under
-# their names without the `fw_` prefix and compared on resume (not the estimator, which may be chosen by device).
-MEASUREMENT_OPTIONS = (
+# their names without the `fw_` prefix (a reader sees what the numbers are). A resume compares them once, with every
+# other `fw_*` option, in the run's identity ([`run_identity`]).
+RECORDED_OPTIONS = (
     "fw_warmup_steps",
     "fw_ema_decay",
     "fw_normalization",
@@ -52,8 +54,8 @@ class FisherWarmupCallback(TrainerCallback):
 
     A trainer talks to it through these calls only (as [`FWLoraTrainer`] does):
 
-    - [`loss_to_backpropagate`]: the training loss goes through it before `backward()`, so that the measurement can undo
-      what scales the loss afterwards (gradient accumulation, an fp16 loss scale);
+    - [`loss_to_backpropagate`]: the training loss goes through it before `backward()`, so that the measurement
+      can undo what scales the loss afterwards (gradient accumulation, an fp16 loss scale);
     - [`awaits_calibration`] and [`calibrate`]: IW-LoRA's calibration, before the first training step;
     - [`penalty`]: the [`FisherWeightedPenalty`] with the frozen weights `(1 − I_m)^β`, or `None` during the warm-up;
     - [`importances_to_log`]: the frozen importances, once, for the logs; `on_freeze` (given to the constructor) is
@@ -88,11 +90,6 @@ class FisherWarmupCallback(TrainerCallback):
         self._logged = False  # whether `importances_to_log` gave the frozen importances
         self._state_to_restore: Optional[dict] = None
 
-    @property
-    def warmup_steps(self) -> int:
-        """K, the number of measured optimizer (or calibration) steps."""
-        return self.fw_args.fw_warmup_steps
-
     # ----- state ------------------------------------------------------------------------------------------------
 
     @property
@@ -124,12 +121,14 @@ class FisherWarmupCallback(TrainerCallback):
 
     @property
     def penalty(self) -> Optional[FisherWeightedPenalty]:
-        """The penalty `Σ_m (1 − I_m)^β P_m` of the frozen importances (`fw_penalty`), built once per freeze; `None`
-        until the importances are frozen."""
+        """The penalty `Σ_m (1 − I_m)^β P_m` of the frozen importances (`fw_penalty`), with its strength `λ`
+        (`fw_lambda`), built once per freeze; `None` until the importances are frozen."""
         if not self.frozen:
             return None
         if self._penalty is None:
-            self._penalty = FisherWeightedPenalty(self.matrices, self.penalty_weights, self.fw_args.fw_penalty)
+            self._penalty = FisherWeightedPenalty(
+                self.matrices, self.penalty_weights, self.fw_args.fw_penalty, self.fw_args.fw_lambda
+            )
         return self._penalty
 
     def importances_to_log(self) -> Optional[dict[str, float]]:
@@ -147,9 +146,8 @@ class FisherWarmupCallback(TrainerCallback):
             self.estimator.stop()
         self.fisher = self.importances = self.frozen_at_step = self._penalty = None
         self._logged = False
-        backend = (args.torch_compile_backend or "inductor") if args.torch_compile else None
         self.estimator = FisherEstimator.from_args(
-            model, self.fw_args, seed=args.seed, adapter_name=self.adapter_name, compile_backend=backend
+            model, self.fw_args, seed=args.seed, adapter_name=self.adapter_name, compile_backend=compile_backend(args)
         )
 
     def loss_to_backpropagate(self, loss: torch.Tensor, micro_batches: int = 1) -> torch.Tensor:
@@ -173,8 +171,8 @@ class FisherWarmupCallback(TrainerCallback):
     ) -> None:
         """
         IW-LoRA's calibration: `fw_warmup_steps` steps of `args.gradient_accumulation_steps` micro-batches each, from
-        the start of `batches` (cycled), measured by the estimator; then the freeze. Nothing is updated: no optimizer or
-        scheduler step is taken or counted.
+        the start of `batches` (cycled), measured by the estimator; then the freeze. Nothing is updated: no optimizer
+        or scheduler step is taken or counted.
 
         Args:
             backward_micro_batch (`Callable`):
@@ -186,7 +184,7 @@ class FisherWarmupCallback(TrainerCallback):
         estimator = self.estimator
         estimator.start()
         batch_iterator = iter(())
-        for _ in range(self.warmup_steps):
+        for _ in range(self.fw_args.fw_warmup_steps):
             for _ in range(args.gradient_accumulation_steps):
                 batch = next(batch_iterator, None)
                 if batch is None:  # the data ran out: start it again
@@ -195,7 +193,7 @@ class FisherWarmupCallback(TrainerCallback):
                 backward_micro_batch(batch)
                 estimator.fold_micro_batch()
             estimator.end_step()
-        logger.info("IW-LoRA calibration: %d steps measured, nothing updated.", self.warmup_steps)
+        logger.info("IW-LoRA calibration: %d steps measured, nothing updated.", self.fw_args.fw_warmup_steps)
         self.freeze(args, state)
 
     @torch.no_grad()
@@ -214,15 +212,15 @@ class FisherWarmupCallback(TrainerCallback):
         """
         self.estimator.stop()
         calibrate = self.fw_args.fw_warmup_mode == "calibrate"
-        measured = self.warmup_steps if calibrate else min(state.global_step, self.warmup_steps)
+        measured = self.fw_args.fw_warmup_steps if calibrate else min(state.global_step, self.fw_args.fw_warmup_steps)
         # The freeze's one extra host read: how many measured steps had a finite micro-batch.
         finite = int(self.estimator.state_dict()["num_updates"].item())
         what = "IW-LoRA calibration" if calibrate else "FW-LoRA warm-up"
         if measured > 0 and finite == 0:
             raise WarmupDivergedError(
-                f"The {what} saw no finite gradient: in each of its {measured} steps the loss or the gradient of every "
-                "micro-batch was NaN or infinite, so there is nothing to compute importances from. The model diverged "
-                "or computes NaN from the start: check its weights and lower the learning rate"
+                f"The {what} saw no finite gradient: in each of its {measured} steps the loss or the gradient of "
+                "every micro-batch was NaN or infinite, so there is nothing to compute importances from. The model "
+                "diverged or computes NaN from the start: check its weights and lower the learning rate"
                 + (", or train in bf16 or fp32 instead of fp16" if args.fp16 else "")
                 + ". Training stops here rather than go on with meaningless importances."
             )
@@ -258,13 +256,13 @@ class FisherWarmupCallback(TrainerCallback):
             self._state_to_restore = None
         if self.frozen or self.fw_args.fw_warmup_mode == "calibrate":
             return
-        if state.global_step >= self.warmup_steps:
+        if state.global_step >= self.fw_args.fw_warmup_steps:
             self.freeze(args, state)
         else:
             logger.info(
                 "FW-LoRA warm-up: %d optimizer steps, %s Fisher estimator.",
-                self.warmup_steps,
-                self.estimator.estimator,
+                self.fw_args.fw_warmup_steps,
+                self.estimator.kind,
             )
             self.estimator.start()
 
@@ -280,15 +278,15 @@ class FisherWarmupCallback(TrainerCallback):
         if not self.is_measuring:
             return
         self.estimator.end_step()
-        if state.global_step >= self.warmup_steps:
+        if state.global_step >= self.fw_args.fw_warmup_steps:
             self.freeze(args, state)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.estimator is not None and not self.frozen:
             warnings.warn(
                 f"Training ended after {state.global_step} optimizer steps, before the FW-LoRA warm-up of "
-                f"{self.warmup_steps} steps finished: the importances are frozen now from the steps seen, and the "
-                "penalty was never applied. Lower `fw_warmup_steps` or train longer.",
+                f"{self.fw_args.fw_warmup_steps} steps finished: the importances are frozen now from the steps seen, "
+                "and the penalty was never applied. Lower `fw_warmup_steps` or train longer.",
                 stacklevel=2,
             )
             self.freeze(args, state)
@@ -321,8 +319,8 @@ class FisherWarmupCallback(TrainerCallback):
         return {
             "frozen": self.frozen,
             "frozen_at_step": self.frozen_at_step,
-            **self._measurement_options(),
-            "estimator": self.estimator.estimator,
+            **self._recorded_options(),
+            "estimator": self.estimator.kind,
             "num_updates": int(running_state["num_updates"].item()),
             "modules": modules,
         }
@@ -337,7 +335,8 @@ class FisherWarmupCallback(TrainerCallback):
     def check_resume(self, checkpoint_dir: str, model: nn.Module) -> None:
         """
         Reads the state saved in a checkpoint ([`state_dict`]), checked against `model`, to be applied when training
-        begins.
+        begins. The options it was measured with are not compared here: the run's identity holds every `fw_*` option
+        and the trainer compares it first ([`check_run_identity`]).
 
         Args:
             checkpoint_dir (`str`): The checkpoint to resume from.
@@ -347,8 +346,6 @@ class FisherWarmupCallback(TrainerCallback):
             `CheckpointError`: If the checkpoint has no `fw_importance.json` (every checkpoint of an FW-LoRA or
                 IW-LoRA run has one), or the file is damaged (not valid JSON) or inconsistent (unknown or missing
                 keys, values of the wrong type, other adapted matrices than the model's).
-            `RunMismatchError`: If the state was measured with other warm-up options (K, the average, ...; not the
-                estimator, which may be chosen by device, see [`run_identity`] for the argument).
         """
         path = os.path.join(checkpoint_dir, IMPORTANCE_FILE)
         if not os.path.isfile(path):
@@ -358,27 +355,15 @@ class FisherWarmupCallback(TrainerCallback):
                 "checkpoint of this run, or with the method it was trained with."
             )
         names = [matrix.name for matrix in find_adapted_matrices(model, self.adapter_name)]
-        state = read_state_file(path, IMPORTANCE_SCHEMA, lambda state: state_problem(state, names))
-        differences = [
-            (f"fw_{name}", state.get(name), value)
-            for name, value in self._measurement_options().items()
-            if state.get(name) != value
-        ]
-        if differences:
-            raise RunMismatchError(checkpoint_dir, differences)
-        self._state_to_restore = state
+        self._state_to_restore = read_state_file(path, IMPORTANCE_SCHEMA, lambda state: state_problem(state, names))
 
-    def _measurement_options(self) -> dict[str, Any]:
-        """The [`MEASUREMENT_OPTIONS`], by their names in [`state_dict`]."""
-        return {name.removeprefix("fw_"): getattr(self.fw_args, name) for name in MEASUREMENT_OPTIONS}
+    def _recorded_options(self) -> dict[str, Any]:
+        """The [`RECORDED_OPTIONS`], by their names in [`state_dict`]."""
+        return {name.removeprefix("fw_"): getattr(self.fw_args, name) for name in RECORDED_OPTIONS}
 
     def _apply_state(self, state: dict) -> None:
-        problem = state_problem(state, [matrix.name for matrix in self.matrices])
-        if problem is not None:
-            raise CheckpointError(
-                f"The saved FW-LoRA state does not fit the model being trained: {problem}. Resume with the LoRA "
-                "targets and rank it was trained with."
-            )
+        """Restores a state [`check_resume`] read and checked against the model being trained (the same model: the
+        trainer checks the resume after building it)."""
         rows = list(state["modules"].values())
         self.estimator.load_state_dict(
             {"running": [row["running_state"] for row in rows], "num_updates": float(state["num_updates"])}

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import TrainingArguments
 
 from .arguments import FWLoraArguments
-from .errors import ABSENT, RunMismatchError
+from .errors import ABSENT, CheckpointError, RunMismatchError
 from .state_files import OBJECT_SCHEMA, RUN_IDENTITY_FILE, read_state_file, write_json_atomic
 from .version import __version__
 
@@ -63,8 +63,8 @@ RUN_FIELD_ARGUMENTS = {
     **{name: f"--{name}" for name in TRAINING_FIELDS},
 }
 # The method's own arguments, by method: the `FWLoraArguments` fields with these prefixes (rank, alpha, dropout and
-# targets are read from the adapter that was built instead: a rank given as a budget is compared as the rank it became).
-# `fw_run_identity.json`: the two parts of [`run_identity`].
+# targets are read from the adapter that was built instead: a rank given as a budget is compared as the rank it
+# became). `fw_run_identity.json`: the two parts of [`run_identity`].
 IDENTITY_SCHEMA = {"run": OBJECT_SCHEMA, "environment": OBJECT_SCHEMA}
 _METHOD_FIELD_PREFIXES = {"adalora": "adalora_", "fw_lora": "fw_", "iw_lora": "fw_"}
 
@@ -147,38 +147,34 @@ def write_run_identity(output_dir: str, identity: dict[str, Any]) -> None:
     write_json_atomic(os.path.join(output_dir, RUN_IDENTITY_FILE), identity)
 
 
-def read_run_identity(checkpoint_dir: str) -> Optional[dict[str, Any]]:
+def read_run_identity(checkpoint_dir: str) -> dict[str, Any]:
     """
-    The identity saved in a checkpoint, or `None` if it has none (written before fw-lora recorded it).
+    The identity saved in a checkpoint ([`write_run_identity`]: every checkpoint of an fw-lora run has one).
 
     Raises:
-        `CheckpointError`: If the file is damaged.
+        `CheckpointError`: If the checkpoint has none (not written by fw-lora's trainer, or its save was interrupted)
+            or the file is damaged.
     """
     path = os.path.join(checkpoint_dir, RUN_IDENTITY_FILE)
     if not os.path.isfile(path):
-        return None
+        raise CheckpointError(
+            f"The checkpoint {checkpoint_dir} has no {RUN_IDENTITY_FILE}, which every checkpoint of an fw-lora run "
+            "holds: it was not written by FWLoraTrainer, or its save was interrupted. Resume from a checkpoint of "
+            "this run, or start the run again."
+        )
     return read_state_file(path, IDENTITY_SCHEMA)
 
 
 def check_run_identity(checkpoint_dir: str, identity: dict[str, Any]) -> None:
     """
     Compares the identity saved in a checkpoint with the run asked for ([`run_identity`]). A difference in `run`
-    refuses the resume; a difference in `environment` is logged as a warning. A checkpoint without an identity (from
-    an older fw-lora) is resumed with a warning that it could not be checked.
+    refuses the resume; a difference in `environment` is logged as a warning.
 
     Raises:
         `RunMismatchError`: Naming each field of `run` that differs, with both values.
-        `CheckpointError`: If the saved identity is damaged.
+        `CheckpointError`: If the checkpoint has no identity, or a damaged one.
     """
     saved = read_run_identity(checkpoint_dir)
-    if saved is None:
-        logger.warning(
-            "The checkpoint %s records no run identity (%s: it predates it): it cannot be checked to be the run asked "
-            "for. Resuming it as it is.",
-            checkpoint_dir,
-            RUN_IDENTITY_FILE,
-        )
-        return
     differences = _differences(saved["run"], identity["run"])
     if differences:
         raise RunMismatchError(checkpoint_dir, differences)
@@ -207,8 +203,8 @@ def _differences(saved: dict[str, Any], asked: dict[str, Any]) -> list[tuple[str
 
 def resume_rules(data_arguments: Sequence[str]) -> str:
     """
-    What a resume must keep and what it may change, in words, from the fields of [`run_identity`] (`--help` and the
-    README say this).
+    What a resume must keep and what it may change, in words, from the fields of [`run_identity`] (`--help` and
+    docs/run_outputs.md say this).
 
     Args:
         data_arguments (`Sequence[str]`): The arguments that select the training data (what the script records as
@@ -219,8 +215,8 @@ def resume_rules(data_arguments: Sequence[str]) -> str:
     must = dict.fromkeys([*data_arguments, method, *RUN_FIELD_ARGUMENTS.values()])
     must.pop("--method")
     return (
-        "Resuming (--resume_from_checkpoint, or an output directory holding an interrupted run): the checkpoint must be "
-        "of the same run, or the resume is refused, naming each differing field. The same run means the same "
+        "Resuming (--resume_from_checkpoint, or an output directory holding an interrupted run): the checkpoint must "
+        "be of the same run, or the resume is refused, naming each differing field. The same run means the same "
         + ", ".join(must)
         + ". Everything else may change on resume: --num_train_epochs and --max_steps (the schedule is recomputed for "
         "the new length), logging, evaluation and saving options, --per_device_eval_batch_size, --max_eval_samples, "

@@ -3,7 +3,7 @@ and its importance table."""
 
 from typing import Optional
 
-from .state_files import NON_NEGATIVE, STEP_COUNT, Added, MappingOf, nullable
+from .state_files import NON_NEGATIVE, STEP_COUNT, MappingOf, nullable
 
 
 # `fw_importance.json` ([`FisherWarmupCallback.state_dict`]).
@@ -25,7 +25,7 @@ IMPORTANCE_SCHEMA = {
     "statistic": str,
     "average": str,
     "power": NON_NEGATIVE,
-    "shuffle_seed": Added(nullable(int)),  # absent from files written before the control existed: no shuffle
+    "shuffle_seed": nullable(int),
     "estimator": str,
     "num_updates": STEP_COUNT,
     "modules": MappingOf(_MODULE_SCHEMA, "their statistics"),

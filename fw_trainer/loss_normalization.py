@@ -16,10 +16,11 @@ def loss_uses_num_items_in_batch(model: nn.Module) -> bool:
     `Trainer` passes `num_items_in_batch` to every model whose `forward` takes `**kwargs`, and then leaves the
     gradient-accumulation division to the model. That is right for the models whose forward hands its keyword
     arguments to `self.loss_function` (transformers' causal and masked LMs: a sum over the label tokens of the whole
-    accumulated batch, divided by their number), and wrong for those that ignore it (`RobertaForSequenceClassification`,
-    `LlamaForSequenceClassification`, ...: a per-micro-batch mean, so the gradient comes out `accumulation steps` times
-    too large). This tells the two apart from the model class: its explicit `accepts_loss_kwargs` if it sets one, else
-    whether its `forward` calls `self.loss_function` and that loss (by `loss_type`) takes `num_items_in_batch`.
+    accumulated batch, divided by their number), and wrong for those that ignore it
+    (`RobertaForSequenceClassification`, `LlamaForSequenceClassification`, ...: a per-micro-batch mean, so the gradient
+    comes out `accumulation steps` times too large). This tells the two apart from the model class: its explicit
+    `accepts_loss_kwargs` if it sets one, else whether its `forward` calls `self.loss_function` and that loss (by
+    `loss_type`) takes `num_items_in_batch`.
 
     Args:
         model (`nn.Module`): The task model, unwrapped (not the peft, DDP or compiled wrapper).

@@ -8,7 +8,6 @@ import os
 import re
 import resource
 from collections import Counter
-from collections.abc import Callable
 
 import torch
 
@@ -80,13 +79,6 @@ def launched_operators(profile: torch.profiler.profile) -> Counter:
             continue  # no copy: a no-op or a view
         counts[event.name] += 1
     return counts
-
-
-def count_launched_operators(fn: Callable[[], object]) -> Counter:
-    """[`launched_operators`] of one call of `fn`, profiled on the CPU."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        fn()
-    return launched_operators(profile)
 
 
 def _is_cuda_kernel(event) -> bool:

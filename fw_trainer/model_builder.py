@@ -20,8 +20,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_LORA_R = 8
 # Classification heads: trained in full by every method (peft's `modules_to_save`), never adapted. `classifier` and
 # `score` are peft's own SEQ_CLS defaults; `pre_classifier` is DistilBERT's dense layer in front of its classifier.
-# Besides these names, every top-level module of a task model outside its backbone is head (`head_module_names`), except
-# a language model's output embeddings (`lm_head`): pretrained, frozen like the backbone.
+# Besides these names, every top-level module of a task model outside its backbone is head (`head_module_names`),
+# except a language model's output embeddings (`lm_head`): pretrained, frozen like the backbone.
 HEAD_MODULE_NAMES = ("classifier", "score", "pre_classifier")
 # What peft's SEQ_CLS models add to `modules_to_save` by themselves.
 _PEFT_SEQ_CLS_MODULES = ("classifier", "score")
@@ -138,7 +138,8 @@ def resolve_target_modules(model: nn.Module, target_modules: Optional[list[str]]
             `c_fc`); poolers, heads and the LM head are never default targets.
 
     Raises:
-        `UsageError` (a `ValueError`): If a target matches nothing, or the architecture has no default and no targets are given.
+        `UsageError` (a `ValueError`): If a target matches nothing, or the architecture has no default and no
+            targets are given.
     """
     heads = head_module_names(model)
     linear_names = [
@@ -189,7 +190,8 @@ def rank_for_budget(model: nn.Module, target_modules: list[str], budget_percent:
     base model's parameters (ties round up).
 
     Raises:
-        `UsageError` (a `ValueError`): If even rank 1 is closer to zero than to the budget, i.e. the budget is too small.
+        `UsageError` (a `ValueError`): If even rank 1 is closer to zero than to the budget, i.e. the budget is
+            too small.
     """
     modules = dict(model.named_modules())
     params_per_rank = sum(sum(matrix_shape(modules[name])) for name in target_modules)
@@ -207,8 +209,8 @@ def rank_for_budget(model: nn.Module, target_modules: list[str], budget_percent:
 
 def _check_rank_fits(model: nn.Module, targets: list[str], rank: int) -> None:
     """
-    Refuses a LoRA rank above a target matrix's smaller side: `ΔW = B A` cannot have a rank above `min(d_in, d_out)`, so
-    the extra rank only adds parameters (and skews a parameter budget).
+    Refuses a LoRA rank above a target matrix's smaller side: `ΔW = B A` cannot have a rank above `min(d_in, d_out)`,
+    so the extra rank only adds parameters (and skews a parameter budget).
 
     Raises:
         `UsageError`: Naming the first matrix too small and its shape.
@@ -218,21 +220,21 @@ def _check_rank_fits(model: nn.Module, targets: list[str], rank: int) -> None:
         if shape is not None and rank > min(shape):
             d_out, d_in = shape
             raise UsageError(
-                f"A LoRA rank of {rank} does not fit {name} ({d_out} x {d_in}): the update B A of a matrix cannot have a "
-                f"rank above its smaller side, {min(d_out, d_in)}. Pass a --lora_r (and, for AdaLoRA, an initial rank "
-                f"--adalora_init_r_ratio x r) of at most {min(d_out, d_in)}, or leave that matrix out of "
+                f"A LoRA rank of {rank} does not fit {name} ({d_out} x {d_in}): the update B A of a matrix cannot "
+                f"have a rank above its smaller side, {min(d_out, d_in)}. Pass a --lora_r (and, for AdaLoRA, an "
+                f"initial rank --adalora_init_r_ratio x r) of at most {min(d_out, d_in)}, or leave that matrix out of "
                 "--lora_target_modules."
             )
 
 
 def build_peft_model(
     model: nn.Module,
-    args: FWLoraArguments,
+    fw_args: FWLoraArguments,
     num_training_steps: Optional[int] = None,
     task_type: Optional[str] = None,
 ) -> tuple[nn.Module, AdapterSummary]:
     """
-    Wraps `model` for `args.method` and describes the result.
+    Wraps `model` for `fw_args.method` and describes the result.
 
     `lora` and `fw_lora` get the same `LoraConfig` (so they compare like for like); `adalora` gets an `AdaLoraConfig`
     whose final average rank is the same `r` and initial rank `ceil(adalora_init_r_ratio · r)`; `full` leaves the model
@@ -242,7 +244,7 @@ def build_peft_model(
 
     Args:
         model (`nn.Module`): A transformers task model: a classifier (encoder or decoder) or a causal LM.
-        args ([`FWLoraArguments`]): The method's arguments.
+        fw_args ([`FWLoraArguments`]): The method's arguments.
         num_training_steps (`int`, *optional*):
             AdaLoRA's `total_step`. [`AdaLoraAllocationCallback`] replaces it with the Trainer's real count when
             training begins, so it may be left out.
@@ -256,21 +258,21 @@ def build_peft_model(
     model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
     base_params = count_base_params(model)
     heads = head_module_names(model)
-    if args.method == "full":
+    if fw_args.method == "full":
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         head = sum(p.numel() for name, p in model.named_parameters() if _is_head(name, heads))
         summary = AdapterSummary("full", model_type, base_params=base_params, head_params=head)
         summary.trainable_params = trainable
         return model, summary
 
-    targets = resolve_target_modules(model, args.lora_target_modules)
+    targets = resolve_target_modules(model, fw_args.lora_target_modules)
     task_type = task_type if task_type is not None else infer_task_type(model)
-    if args.lora_budget is not None:
-        rank = rank_for_budget(model, targets, args.lora_budget)
+    if fw_args.lora_budget is not None:
+        rank = rank_for_budget(model, targets, fw_args.lora_budget)
     else:
-        rank = args.lora_r or DEFAULT_LORA_R
+        rank = fw_args.lora_r or DEFAULT_LORA_R
 
-    init_rank = math.ceil(args.adalora_init_r_ratio * rank) if args.method == "adalora" else None
+    init_rank = math.ceil(fw_args.adalora_init_r_ratio * rank) if fw_args.method == "adalora" else None
     _check_rank_fits(model, targets, init_rank or rank)
 
     # peft matches `modules_to_save` as plain name suffixes: its `classifier` default catches DistilBERT's
@@ -283,30 +285,30 @@ def build_peft_model(
         target_modules=targets,
         # GPT-2's `Conv1D` stores W as d_in × d_out (peft would switch this on per layer, with a warning each).
         fan_in_fan_out=all(isinstance(modules[name], Conv1D) for name in targets),
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
+        lora_alpha=fw_args.lora_alpha,
+        lora_dropout=fw_args.lora_dropout,
         modules_to_save=extra_heads or None,
     )
-    if args.method == "adalora":
+    if fw_args.method == "adalora":
         total_steps = num_training_steps or 1_000_000  # placeholder; the callback sets the real count
         config = AdaLoraConfig(
             init_r=init_rank,
             target_r=rank,
-            tinit=resolve_schedule_steps(args.adalora_tinit, total_steps),
-            tfinal=resolve_schedule_steps(args.adalora_tfinal, total_steps),
-            deltaT=args.adalora_delta_t,
-            beta1=args.adalora_beta1,
-            beta2=args.adalora_beta2,
-            orth_reg_weight=args.adalora_orth_reg_weight,
+            tinit=resolve_schedule_steps(fw_args.adalora_tinit, total_steps),
+            tfinal=resolve_schedule_steps(fw_args.adalora_tfinal, total_steps),
+            deltaT=fw_args.adalora_delta_t,
+            beta1=fw_args.adalora_beta1,
+            beta2=fw_args.adalora_beta2,
+            orth_reg_weight=fw_args.adalora_orth_reg_weight,
             total_step=total_steps,
             **common,
         )
     else:
         config = LoraConfig(
             r=rank,
-            use_dora=args.lora_use_dora,
-            use_rslora=args.lora_use_rslora,
-            init_lora_weights=args.init_lora_weights,
+            use_dora=fw_args.lora_use_dora,
+            use_rslora=fw_args.lora_use_rslora,
+            init_lora_weights=fw_args.init_lora_weights,
             **common,
         )
     peft_model = get_peft_model(model, config)
@@ -316,16 +318,16 @@ def build_peft_model(
         p.numel() for name, p in peft_model.named_parameters() if p.requires_grad and _is_head(name, heads)
     )
     summary = AdapterSummary(
-        method=args.method,
+        method=fw_args.method,
         model_type=model_type,
         target_modules=targets,
         rank=rank,
         init_rank=init_rank,
-        lora_alpha=args.lora_alpha,
+        lora_alpha=fw_args.lora_alpha,
         base_params=base_params,
         adapter_params=adapter_params,
         head_params=head_params,
         trainable_params=sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
-        requested_budget_percent=args.lora_budget,
+        requested_budget_percent=fw_args.lora_budget,
     )
     return peft_model, summary

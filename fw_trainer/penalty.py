@@ -42,12 +42,21 @@ class FisherWeightedPenalty:
         matrices (`Sequence[AdaptedMatrix]`): The adapted matrices.
         weights (`torch.Tensor`): Per-matrix weights `w_m`, shape `(M,)`, in the order of `matrices`.
         penalty (`str`, *optional*, defaults to `"delta"`): `"delta"` or `"factors"`.
+        fw_lambda (`float`, *optional*, defaults to `1e-4`):
+            `λ`, the penalty's strength in the loss `L_task + λ R`. The penalty holds it as [`strength`], a 0-dim fp32
+            tensor on the adapters' device, for `backward(penalty.strength)` (what `FWLoraTrainer` does); `penalty()`
+            and `backward(scale)` themselves compute `R` and `scale · ∇R`, whatever `λ`.
     """
 
     def __init__(
-        self, matrices: Sequence[AdaptedMatrix], weights: torch.Tensor, penalty: str = default_of("fw_penalty")
+        self,
+        matrices: Sequence[AdaptedMatrix],
+        weights: torch.Tensor,
+        penalty: str = default_of("fw_penalty"),
+        fw_lambda: float = default_of("fw_lambda"),
     ):
         check_option("fw_penalty", penalty, argument="penalty")
+        check_option("fw_lambda", fw_lambda, argument="fw_lambda")
         if len(matrices) != weights.numel():
             raise ValueError(f"Got {len(matrices)} matrices but {weights.numel()} weights.")
         self.penalty = penalty
@@ -70,6 +79,8 @@ class FisherWeightedPenalty:
         # FSDP2 (`fully_shard`) holds each parameter as a sharded DTensor: `R` is then computed from the gathered
         # factors (autograd reduce-scatters its gradient into the shards), and the analytic `.grad` path is refused.
         self._sharded = any(hasattr(matrix.lora_A, "full_tensor") for matrix in matrices)
+        # Made once, on the device: multiplying by it reads nothing back to the host.
+        self.strength = torch.tensor(fw_lambda, dtype=torch.float32, device=matrices[0].lora_A.device)
 
     @property
     def num_groups(self) -> int:

@@ -1,14 +1,13 @@
-"""`FWLoraSFTTrainer`: FW-LoRA's hooks ([`FWLoraTrainerMixin`]) applied to trl's `SFTTrainer` (`pip install fw-lora[trl]`)."""
+"""`FWLoraSFTTrainer`: FW-LoRA's hooks ([`FWLoraTrainerMixin`]) applied to trl's `SFTTrainer` (`pip install
+"fw-lora[trl]"`)."""
 
+from .extras import require_extra
 from .trainer_mixin import FWLoraTrainerMixin
 
 
-try:
-    from trl import SFTTrainer
-except ImportError as error:  # trl is an optional extra
-    raise ImportError(
-        "FWLoraSFTTrainer needs trl, which is not installed: `pip install fw-lora[trl]` (or `pip install trl`)."
-    ) from error
+require_extra("FWLoraSFTTrainer", "trl", ["trl"])
+
+from trl import SFTTrainer  # noqa: E402  (after the check that names the extra)
 
 
 class FWLoraSFTTrainer(FWLoraTrainerMixin, SFTTrainer):

@@ -62,16 +62,9 @@ class MappingOf:
         self.schema, self.what = schema, what
 
 
-class Added:
-    """A schema for a key that files written before it was added do not have: absent, or a value of `schema`."""
-
-    def __init__(self, schema: "Schema"):
-        self.schema = schema
-
-
-# A `dict` (a JSON object with exactly these keys, each value matching its schema; a key whose schema is [`Added`] may
-# be absent), a type or tuple of types (`int` never matches a JSON `true`), a [`Check`] or a [`MappingOf`].
-Schema = Union[dict, type, tuple, Check, MappingOf, Added]
+# A `dict` (a JSON object with exactly these keys, each value matching its schema), a type or tuple of types (`int`
+# never matches a JSON `true`), a [`Check`] or a [`MappingOf`].
+Schema = Union[dict, type, tuple, Check, MappingOf]
 
 
 def _is_number(value: Any, integer: bool = False) -> bool:
@@ -104,17 +97,13 @@ def schema_problem(value: Any, schema: Schema, where: str = "it") -> Optional[st
         if not isinstance(value, dict):
             return f"{where} is not a mapping"
         unknown = sorted(set(value) - set(schema))
-        missing = [key for key in schema if key not in value and not isinstance(schema[key], Added)]
+        missing = [key for key in schema if key not in value]
         if unknown or missing:
             parts = [f"unknown keys {', '.join(unknown)}"] * bool(unknown) + [f"no {', '.join(missing)}"] * bool(
                 missing
             )
             return f"{where} has {' and '.join(parts)}"
         for key, key_schema in schema.items():
-            if isinstance(key_schema, Added):
-                if key not in value:
-                    continue
-                key_schema = key_schema.schema
             problem = schema_problem(
                 value[key], key_schema, f"`{key}`" if where == "it" else f"the `{key}` of {where}"
             )

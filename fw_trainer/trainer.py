@@ -1,5 +1,5 @@
-"""`FWLoraTrainer`: FW-LoRA's hooks ([`FWLoraTrainerMixin`]) applied to `transformers.Trainer`, and to any other Trainer
-class through [`fw_lora_trainer_class`]."""
+"""`FWLoraTrainer`: FW-LoRA's hooks ([`FWLoraTrainerMixin`]) applied to `transformers.Trainer`, and to any other
+Trainer class through [`fw_lora_trainer_class`]."""
 
 from transformers import Trainer
 

@@ -17,7 +17,9 @@ from .adalora_callback import AdaLoraAllocationCallback
 from .adapted_matrices import active_lora_adapter, find_adapted_matrices
 from .arguments import FWLoraArguments
 from .checkpoints import check_checkpoint, last_complete_checkpoint
+from .compilation import compile_backend
 from .errors import CheckpointError, UsageError
+from .extras import missing_modules
 from .fisher_warmup import FisherWarmupCallback
 from .identity import run_identity, write_run_identity
 from .loss_normalization import loss_uses_num_items_in_batch
@@ -35,23 +37,24 @@ class FWLoraTrainerMixin:
     [`fw_lora_trainer_class`] builds the class). Every override calls the Trainer's own method and adds to it; the
     only changes w.r.t. the Trainer it is mixed into are:
 
-    - `__init__` refuses, before training, a model the method cannot train exactly: no LoRA adapter under a LoRA method,
-      several active adapters, a LoRA variant FW-LoRA does not measure (DoRA, PiSSA, ..., see
+    - `__init__` refuses, before training, a model the method cannot train exactly: no LoRA adapter under a LoRA
+      method, several active adapters, a LoRA variant FW-LoRA does not measure (DoRA, PiSSA, ..., see
       [`find_adapted_matrices`]), or an engine that owns the gradients (FSDP, DeepSpeed);
 
     - `compute_loss` is the Trainer's (with `num_items_in_batch`, so a causal LM's loss stays normalised over the label
       tokens of the whole accumulated batch); it routes the task loss through the Fisher estimator during the warm-up
-      (so its hooks can undo the loss scaling) and records `task_loss`; for AdaLoRA the model's loss is the task loss alone, in training and
-      evaluation, and peft's orthogonality regulariser is added to the training loss here and logged apart
-      (`adalora_orth_penalty`);
+      (so its hooks can undo the loss scaling) and records `task_loss`; for AdaLoRA the model's loss is the task loss
+      alone, in training and evaluation, and peft's orthogonality regulariser is added to the training loss here and
+      logged apart (`adalora_orth_penalty`);
     - `training_step`: once the importances are frozen (methods `fw_lora` and `iw_lora`), the last micro-batch of
       every optimizer step adds the gradient of `λ Σ_m (1 − I_m)^β ‖ΔW_m‖²` to the LoRA gradients, analytically, and
       the term to the reported loss; it records `fw_penalty` (`Σ (1 − I) ‖ΔW‖²`) and `fw_weighted_penalty` (`λ` times
       it). With `fw_warmup_mode="calibrate"` (IW-LoRA) the first one runs the calibration before it: K steps of
       forward/backward passes that update nothing, measured by the estimator, then the freeze;
     - `log` merges those averages (and AdaLoRA's rank budget) into every training report, and the frozen importances
-      into a report of their own at the freeze, so they reach TensorBoard and every other integration; with `--torch_compile`, also what the compiler did so far
-      (`compile/graphs`, `compile/graph_breaks`, `compile/recompiles`, see [`compile_stats`]);
+      into a report of their own at the freeze, so they reach TensorBoard and every other integration; with
+      `--torch_compile`, also what the compiler did so far (`compile/graphs`, `compile/graph_breaks`,
+      `compile/recompiles`, see [`compile_stats`]);
     - `save_model` writes `fw_importance.json` into every checkpoint and `train(resume_from_checkpoint=...)` reads
       it back, so a resumed run continues the warm-up or keeps the frozen importances;
     - `save_model` also writes the run's identity (`fw_run_identity.json`: base model, data, method, adapter,
@@ -59,10 +62,11 @@ class FWLoraTrainerMixin:
       ([`check_resume`]): a checkpoint that is missing, incomplete, damaged or of another run is refused with a
       [`CheckpointError`] that says what to do;
     - where the loss is the model's own (the Trainer's `compute_loss`, no `compute_loss_func`) and the model ignores
-      `num_items_in_batch` although its `forward` takes `**kwargs` (RoBERTa, BERT, every `...ForSequenceClassification`,
-      see [`loss_uses_num_items_in_batch`]), `model_accepts_loss_kwargs = False`: the per-micro-batch mean loss is then
-      divided by the gradient-accumulation steps, where transformers would skip that division and make the gradient
-      GA times too large. Models whose loss uses `num_items_in_batch` (causal LMs) train exactly as under the Trainer.
+      `num_items_in_batch` although its `forward` takes `**kwargs` (RoBERTa, BERT, every
+      `...ForSequenceClassification`, see [`loss_uses_num_items_in_batch`]), `model_accepts_loss_kwargs = False`: the
+      per-micro-batch mean loss is then divided by the gradient-accumulation steps, where transformers would skip that
+      division and make the gradient GA times too large. Models whose loss uses `num_items_in_batch` (causal LMs) train
+      exactly as under the Trainer.
 
     The warm-up, in both modes (its schedule, IW-LoRA's calibration, the freeze, `fw_importance.json`, the penalty of
     the frozen importances), is [`FisherWarmupCallback`]'s, the measurement its [`FisherEstimator`]'s: the trainer
@@ -96,7 +100,6 @@ class FWLoraTrainerMixin:
             unwrapped = unwrap_peft_model(self.accelerator.unwrap_model(self.model))
             self.model_accepts_loss_kwargs = loss_uses_num_items_in_batch(unwrapped)
         self._fw_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
-        self._penalty_lambda: Optional[torch.Tensor] = None  # λ on the adapters' device, made at the first penalty
         self._checked_checkpoint: Optional[str] = None  # the checkpoint `check_resume` accepted last
         self._compiled_penalty: Optional[tuple[FisherWeightedPenalty, Any]] = None  # under --torch_compile
 
@@ -156,7 +159,6 @@ class FWLoraTrainerMixin:
         arguments, before building the trial's model from them.
         """
         self.fw_args = fw_args
-        self._penalty_lambda = None
         self._add_method_callbacks()
 
     def _add_method_callbacks(self) -> None:
@@ -175,8 +177,9 @@ class FWLoraTrainerMixin:
     def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None, *args, **kwargs):
         """
         `Trainer.train`; a resume first checks the checkpoint ([`check_resume`], unless it was just called for that
-        checkpoint), and the Fisher statistics saved in it are restored when training begins. `resume_from_checkpoint=True` takes the last complete checkpoint of the
-        output directory: one whose save was interrupted is passed over.
+        checkpoint), and the Fisher statistics saved in it are restored when training begins.
+        `resume_from_checkpoint=True` takes the last complete checkpoint of the output directory: one whose save was
+        interrupted is passed over.
         """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
@@ -244,8 +247,8 @@ class FWLoraTrainerMixin:
         # No all-reduce of gradients that nobody uses: each process measures its own micro-batches.
         with self.accelerator.no_sync(model):
             with self.compute_loss_context_manager():
-                # The model's own loss, through `Trainer.compute_loss` itself: a subclass's (`SFTTrainer`'s) would count
-                # these batches, which train nothing, in its token and accuracy metrics.
+                # The model's own loss, through `Trainer.compute_loss` itself: a subclass's (`SFTTrainer`'s) would
+                # count these batches, which train nothing, in its token and accuracy metrics.
                 loss = Trainer.compute_loss(self, model, inputs)
             self.accelerator.backward(self.fisher_callback.loss_to_backpropagate(loss))
         model.zero_grad(set_to_none=True)
@@ -253,34 +256,34 @@ class FWLoraTrainerMixin:
     def _add_penalty_gradient(self, penalty: FisherWeightedPenalty) -> torch.Tensor:
         """
         Adds `λ ∇R` to the LoRA gradients and returns `λ R`. `R` does not depend on the data, so its gradient is added
-        once per optimizer step, after the last micro-batch's backward pass, through [`FisherWeightedPenalty.backward`]:
-        the analytic gradient, a dozen kernels per distinct shape instead of autograd's graph and one gradient
-        accumulation per LoRA tensor (the step is bound by kernel launches on a GPU). This is the gradient that adding
-        `λ R` to every micro-batch's loss would give: the gradient-accumulation division and the DDP mean of a term
-        equal on every micro-batch and process leave it unchanged. Gradient clipping, which comes next, sees it.
+        once per optimizer step, after the last micro-batch's backward pass, through
+        [`FisherWeightedPenalty.backward`]: the analytic gradient, a dozen kernels per distinct shape instead of
+        autograd's graph and one gradient accumulation per LoRA tensor (the step is bound by kernel launches on a GPU).
+        This is the gradient that adding `λ R` to every micro-batch's loss would give: the gradient-accumulation
+        division and the DDP mean of a term equal on every micro-batch and process leave it unchanged. Gradient
+        clipping, which comes next, sees it.
         """
-        if self._penalty_lambda is None:
-            self._penalty_lambda = self.fisher_callback.importances.new_tensor(self.fw_args.fw_lambda)
-        scale = self._penalty_lambda
+        strength = penalty.strength  # λ, a 0-dim tensor on the adapters' device
+        scale = strength
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             # fp16: the task gradients carry the loss scale until the clipping unscales them; so must this one
             # (`GradScaler.scale` multiplies on the device: no host read).
             scale = scaler.scale(scale)
         value = self._penalty_backward(penalty)(scale)
-        weighted = self._penalty_lambda * value
+        weighted = strength * value
         self._fw_metrics["fw_penalty"].append(value)
         self._fw_metrics["fw_weighted_penalty"].append(weighted)
         return weighted
 
     def _penalty_backward(self, penalty: FisherWeightedPenalty):
         """`penalty.backward`, compiled (once per penalty: [`FisherWeightedPenalty.compiled_backward`]) with the
-        model's backend and mode under `--torch_compile`: a fixed small function whose eager form launches about fifteen
-        kernels per distinct shape, beside a compiled step that launches few."""
-        if not self.args.torch_compile:
+        model's backend and mode under `--torch_compile`: a fixed small function whose eager form launches about
+        fifteen kernels per distinct shape, beside a compiled step that launches few."""
+        backend = compile_backend(self.args)
+        if backend is None:
             return penalty.backward
         if self._compiled_penalty is None or self._compiled_penalty[0] is not penalty:
-            backend = self.args.torch_compile_backend or "inductor"
             self._compiled_penalty = (penalty, penalty.compiled_backward(backend, self.args.torch_compile_mode))
         return self._compiled_penalty[1]
 
@@ -366,6 +369,12 @@ class FWLoraTrainerMixin:
             if isinstance(cb, TensorBoardCallback) and cb.tb_writer is not None
         ]
         if not writers:
+            return
+        if missing_modules(["matplotlib"]):
+            logger.warning(
+                "The importances are logged to TensorBoard as scalars, without their heatmap image: drawing it needs "
+                "matplotlib, which is not installed (`pip install matplotlib`)."
+            )
             return
         from .heatmap import heatmap_figure  # matplotlib is imported when a figure is drawn, not with the trainer
 

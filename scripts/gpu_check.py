@@ -33,6 +33,9 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fw_trainer.arguments import FISHER_WEIGHTED_METHODS  # noqa: E402  (from the checkout, as the runs use it)
+
+
 # name → (launcher, method, extra arguments, lowest acceptable dev accuracy or None).
 # The accuracy floors are far below what these runs reach (MiniLM: ~0.86 after 600 steps) and far above chance: they
 # catch a run that trains on garbage. AdaLoRA learns slowly at LoRA's learning rate (see results/), so it only has to
@@ -100,7 +103,7 @@ def check_run(output_dir: Path, method: str, min_accuracy: Optional[float], devi
             f"peak memory {results.get('train_peak_memory_mb')} MB of kind {results.get('train_peak_memory_kind')}, "
             f"expected a positive {expected_kind}"
         )
-    if method in ("fw_lora", "iw_lora"):
+    if method in FISHER_WEIGHTED_METHODS:
         failures += check_importances(output_dir)
     failures += check_reload(output_dir, method)
     failures += check_tensorboard(output_dir, method)
@@ -159,7 +162,7 @@ def check_reload(output_dir: Path, method: str, num_sentences: int = 256) -> lis
 
 
 def dev_sentences() -> list[str]:
-    from fw_trainer.glue.data import glue_dir_from_env, load_glue_dir
+    from fw_trainer.glue.tsv_layout import glue_dir_from_env, load_glue_dir
 
     glue_dir = glue_dir_from_env()
     if glue_dir:
@@ -179,7 +182,7 @@ def check_tensorboard(output_dir: Path, method: str) -> list[str]:
     accumulator.Reload()
     tags = set(accumulator.Tags()["scalars"])
     expected = {"train/loss", "train/task_loss", "train/learning_rate", "eval/accuracy"}
-    if method in ("fw_lora", "iw_lora"):
+    if method in FISHER_WEIGHTED_METHODS:
         expected |= {"train/fw_penalty"}
     if method == "adalora":
         expected |= {"train/adalora_total_rank"}

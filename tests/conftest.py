@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import SequentialSampler
 from transformers import RobertaConfig, RobertaForSequenceClassification, TrainingArguments
 
-from fw_trainer import FWLoraArguments, build_peft_model
+from fw_trainer import FWLoraArguments, FWLoraTrainer, build_peft_model
 
 
 # The six roles of a BERT/RoBERTa layer, spelled out here rather than taken from fw_trainer, so that tests check the
@@ -31,22 +32,25 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 SEQ_LEN = 12
 VOCAB = 50
 PAD_ID = 1
+# The config of every tiny BERT-style encoder (BERT, RoBERTa, ELECTRA, DeBERTa-v2 ...). Dropout 0 everywhere
+# (classifier dropouts fall back to the hidden dropout), so that an autograd reference is deterministic.
+TINY_ENCODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=48,
+    max_position_embeddings=SEQ_LEN + 4,  # RoBERTa's positions start at pad_token_id + 1
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    num_labels=2,
+    pad_token_id=PAD_ID,
+)
 
 
 def tiny_roberta(seed: int = 0, num_labels: int = 2, num_hidden_layers: int = 2) -> RobertaForSequenceClassification:
     torch.manual_seed(seed)
-    config = RobertaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=SEQ_LEN + 4,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=num_labels,
-        pad_token_id=PAD_ID,
-    )
+    config = RobertaConfig(**dict(TINY_ENCODER, num_hidden_layers=num_hidden_layers, num_labels=num_labels))
     return RobertaForSequenceClassification(config)
 
 
@@ -69,14 +73,25 @@ class TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i]}
 
 
+def rows(dataset, start, stop):
+    """Rows `start:stop` of a dataset of `input_ids`, `attention_mask` and `labels` tensors, as one batch."""
+    return {key: getattr(dataset, key)[start:stop] for key in ("input_ids", "attention_mask", "labels")}
+
+
 def lora_model(method: str = "fw_lora", seed: int = 0, **fw_kwargs):
     fw_args = FWLoraArguments(method=method, **fw_kwargs)
     model, summary = build_peft_model(tiny_roberta(seed), fw_args)
     return model, fw_args
 
 
+def lora_weights(model) -> dict[str, torch.Tensor]:
+    """A copy of every LoRA factor of `model`, by parameter name."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+
+
 def training_args(output_dir, device: str = "cpu", **kwargs) -> TrainingArguments:
-    """Small-run arguments; `device="cuda"` trains on the GPU (the default, `"cpu"`, also on a machine that has one)."""
+    """Small-run arguments; `device="cuda"` trains on the GPU (the default, `"cpu"`, also on a machine that has
+    one)."""
     defaults = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=8,
@@ -93,6 +108,13 @@ def training_args(output_dir, device: str = "cpu", **kwargs) -> TrainingArgument
     )
     defaults.update(kwargs)
     return TrainingArguments(**defaults)
+
+
+class SequentialFWLoraTrainer(FWLoraTrainer):
+    """Batches in dataset order, so a test knows which rows every micro-batch holds."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
 
 @pytest.fixture

@@ -5,9 +5,8 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import TokenDataset, lora_model, training_args
+from conftest import SequentialFWLoraTrainer, TokenDataset, lora_model, training_args
 from peft.tuners.adalora import AdaLoraModel
-from test_fisher_callback import SequentialFWLoraTrainer
 from transformers import Trainer
 
 from fw_trainer import FWLoraTrainer

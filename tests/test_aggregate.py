@@ -41,9 +41,13 @@ def fabricate_run(run_dir, method: str, seed: int) -> None:
     final = FINAL[method][seed]
     write_json(
         run_dir / "all_results.json",
-        {"eval_accuracy": final, "train_runtime": 100.0 + 10 * seed + (5 if method == "fw" else 0),
-         "train_peak_memory_mb": 1000.0 + seed, "train_peak_memory_kind": "cpu_max_rss"},
-    )  # fmt: skip
+        {
+            "eval_accuracy": final,
+            "train_runtime": 100.0 + 10 * seed + (5 if method == "fw" else 0),
+            "train_peak_memory_mb": 1000.0 + seed,
+            "train_peak_memory_kind": "cpu_max_rss",
+        },
+    )
     history = [
         {"step": 10, "epoch": 0.5, "loss": 0.7, "task_loss": 0.69},
         {"step": 10, "epoch": 0.5, "eval_accuracy": 0.6},
@@ -156,9 +160,16 @@ def test_aggregated_metrics_and_significance_by_hand(study, tmp_path):
 
     # Figures: per run (curves, confusion matrix) and per study, PNG and PDF, none empty.
     names = {path.split("/results/")[1] for path in written["figures"]}
-    for stem in ("figures/dev_metric", "figures/train_time", "figures/peak_memory", "figures/capacity_correlation",
-                 "figures/importance_heatmap_all",
-                 "figures/delta_weight_norms_all", "runs/fw/seed0/curves", "runs/lora/seed2/confusion_matrix"):  # fmt: skip
+    for stem in (
+        "figures/dev_metric",
+        "figures/train_time",
+        "figures/peak_memory",
+        "figures/capacity_correlation",
+        "figures/importance_heatmap_all",
+        "figures/delta_weight_norms_all",
+        "runs/fw/seed0/curves",
+        "runs/lora/seed2/confusion_matrix",
+    ):
         assert {f"{stem}.png", f"{stem}.pdf"} <= names
     for path in written["figures"]:
         with open(path, "rb") as f:
@@ -203,11 +214,13 @@ def test_holm_family_spans_every_comparison_and_group(tmp_path):
     spec = {
         "output_dir": str(tmp_path / "out"),
         "results_dir": str(tmp_path / "results"),
-        "axes": {"task": {"sst2": {"task_name": "sst2"}, "cola": {"task_name": "cola"}},
-                 "method": {"lora": {"method": "lora"}, "fw": {"method": "fw_lora"}, "uni": {"method": "fw_lora"}},
-                 "seed": [0, 1, 2, 3]},
+        "axes": {
+            "task": {"sst2": {"task_name": "sst2"}, "cola": {"task_name": "cola"}},
+            "method": {"lora": {"method": "lora"}, "fw": {"method": "fw_lora"}, "uni": {"method": "fw_lora"}},
+            "seed": [0, 1, 2, 3],
+        },
         "comparisons": {"axis": "method", "pairs": [["fw", "lora"], ["fw", "uni"]]},
-    }  # fmt: skip
+    }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(spec))
     config = StudyConfig.from_yaml(str(path))
@@ -217,8 +230,17 @@ def test_holm_family_spans_every_comparison_and_group(tmp_path):
     for run in config.runs():
         task, method, seed = run.labels["task"], run.labels["method"], int(run.labels["seed"])
         value = 0.8 + 0.01 * seed + shift.get((task, method), 0.0) + (noise[seed] * (method == "fw"))
-        runs.append({"labels": run.labels, "args": run.args, "run": run.name, "task_name": task,
-                     "metric_name": "accuracy", "final_metric": value, "eval_predictions": []})  # fmt: skip
+        runs.append(
+            {
+                "labels": run.labels,
+                "args": run.args,
+                "run": run.name,
+                "task_name": task,
+                "metric_name": "accuracy",
+                "final_metric": value,
+                "eval_predictions": [],
+            }
+        )
     tests = significance_tests(runs, config)
     cells = {(t["group"]["task"], t["a"], t["b"]): t for t in tests}
     assert len(tests) == 4 and set(cells) == {(task, "fw", b) for task in ("sst2", "cola") for b in ("lora", "uni")}
@@ -238,8 +260,12 @@ def test_holm_family_spans_every_comparison_and_group(tmp_path):
 
 def test_capacity_comparisons_pair_the_correlations_over_seeds():
     """Fisher's ρ against the uniform control's, seed by seed, per task; a seed one side lacks is left out."""
-    rho = {("sst2", "fw"): [0.9, 0.8, 0.85], ("sst2", "uni"): [0.7, 0.75, 0.6], ("cola", "fw"): [0.5, 0.4, None],
-           ("cola", "uni"): [0.45, 0.5, 0.3]}  # fmt: skip
+    rho = {
+        ("sst2", "fw"): [0.9, 0.8, 0.85],
+        ("sst2", "uni"): [0.7, 0.75, 0.6],
+        ("cola", "fw"): [0.5, 0.4, None],
+        ("cola", "uni"): [0.45, 0.5, 0.3],
+    }
     rows = [
         {"labels": {"task": task, "method": method, "seed": str(seed)}, "seed": str(seed), "measured_rho": value}
         for (task, method), values in rho.items()

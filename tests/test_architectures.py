@@ -1,10 +1,22 @@
 """Default LoRA targets, the task head and the Fisher proxy on every supported encoder architecture (tiny configs)."""
 
+from typing import Optional
+
 import pytest
 import torch
-from conftest import PAD_ID, ROLES, SEQ_LEN, VOCAB, TokenDataset, training_args
+from conftest import (
+    PAD_ID,
+    ROLES,
+    SEQ_LEN,
+    TINY_ENCODER,
+    VOCAB,
+    SequentialFWLoraTrainer,
+    TokenDataset,
+    rows,
+    training_args,
+)
 from peft import get_peft_model_state_dict
-from test_fisher_callback import SequentialFWLoraTrainer, reference_sq_grad_norms, rows
+from references import reference_sq_grad_norms
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -23,24 +35,11 @@ from transformers import (
 )
 
 from fw_trainer import FWLoraArguments, build_peft_model, resolve_target_modules
-from fw_trainer.architectures import ENCODER_TARGET_ROLES, layer_index, target_role
+from fw_trainer.architectures import ENCODER_TARGET_ROLES, TARGET_ROLES_BY_MODEL_TYPE, layer_index, role_pattern
 from fw_trainer.heatmap import layer_role_grid
 
 
-NUM_LAYERS = 2
-# Dropout 0 everywhere (classifier dropouts fall back to the hidden dropout), so the autograd reference is deterministic.
-BERT_STYLE = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    num_hidden_layers=NUM_LAYERS,
-    num_attention_heads=4,
-    intermediate_size=48,
-    max_position_embeddings=SEQ_LEN + 4,  # RoBERTa's positions start at pad_token_id + 1
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-    num_labels=2,
-    pad_token_id=PAD_ID,
-)
+NUM_LAYERS = TINY_ENCODER["num_hidden_layers"]
 
 # Per architecture: the model class and config, the encoder layers' prefix and the six layers of every encoder layer
 # (q, k, v, attention output, FFN in, FFN out), spelled out from the transformers modeling files.
@@ -62,25 +61,25 @@ DISTILBERT_ROLES = (
     "ffn.lin2",
 )
 ARCHITECTURES = {
-    "bert": (BertForSequenceClassification, BertConfig(**BERT_STYLE), "bert.encoder.layer", BERT_ROLES),
-    "roberta": (RobertaForSequenceClassification, RobertaConfig(**BERT_STYLE), "roberta.encoder.layer", BERT_ROLES),
+    "bert": (BertForSequenceClassification, BertConfig(**TINY_ENCODER), "bert.encoder.layer", BERT_ROLES),
+    "roberta": (RobertaForSequenceClassification, RobertaConfig(**TINY_ENCODER), "roberta.encoder.layer", BERT_ROLES),
     "xlm-roberta": (
         XLMRobertaForSequenceClassification,
-        XLMRobertaConfig(**BERT_STYLE),
+        XLMRobertaConfig(**TINY_ENCODER),
         "roberta.encoder.layer",
         BERT_ROLES,
     ),
     # embedding_size != hidden_size gives ELECTRA-small's `electra.embeddings_project`, which is no target.
     "electra": (
         ElectraForSequenceClassification,
-        ElectraConfig(embedding_size=16, **BERT_STYLE),
+        ElectraConfig(embedding_size=16, **TINY_ENCODER),
         "electra.encoder.layer",
         BERT_ROLES,
     ),
     # DeBERTa-v2 defaults: absolute positions, no relative attention.
     "deberta-v2": (
         DebertaV2ForSequenceClassification,
-        DebertaV2Config(**BERT_STYLE),
+        DebertaV2Config(**TINY_ENCODER),
         "deberta.encoder.layer",
         DEBERTA_V2_ROLES,
     ),
@@ -95,7 +94,7 @@ ARCHITECTURES = {
             position_buckets=8,
             norm_rel_ebd="layer_norm",
             share_att_key=False,
-            **BERT_STYLE,
+            **TINY_ENCODER,
         ),
         "deberta.encoder.layer",
         DEBERTA_V2_ROLES,
@@ -154,6 +153,19 @@ def linear_names(model) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
 
 
+def target_role(model_type: str, module_name: str) -> Optional[str]:
+    """The role that a module plays in its transformer layer by the default-target table of its architecture (peft's
+    `base_model.model.` prefix does not matter): one of `TARGET_ROLES`, or `None` if the name plays none of them or
+    `model_type` has no default targets."""
+    roles = TARGET_ROLES_BY_MODEL_TYPE.get(model_type)
+    if roles is None:
+        return None
+    for role, suffix in roles.items():
+        if role_pattern(suffix).search(module_name):
+            return role
+    return None
+
+
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 def test_default_targets_are_the_six_roles_of_every_layer(architecture):
     model = tiny_model(architecture)
@@ -181,7 +193,7 @@ def test_explicit_targets_never_reach_the_head():
 
 def test_deberta_v1_has_no_default_and_says_how_to_pass_targets():
     # DeBERTa v1 fuses q, k and v into one `in_proj`: the six roles do not exist as separate layers.
-    config = DebertaConfig(**BERT_STYLE)
+    config = DebertaConfig(**TINY_ENCODER)
     with pytest.raises(ValueError, match="No default LoRA targets .* 'deberta'.*--lora_target_modules"):
         resolve_target_modules(DebertaForSequenceClassification(config))
 

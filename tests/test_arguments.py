@@ -97,7 +97,7 @@ def test_the_estimator_checks_its_options_where_the_dataclass_does():
 def test_from_args_builds_the_estimator_the_arguments_describe():
     model, fw_args = lora_model(method="iw_lora", fw_estimator="sketch", fw_sketch_probes=3, fw_ema_decay=0.9)
     estimator = FisherEstimator.from_args(model, fw_args, seed=7)
-    assert (estimator.statistic, estimator.average, estimator.estimator) == ("norm", "mean", "sketch")
+    assert (estimator.statistic, estimator.average, estimator.kind) == ("norm", "mean", "sketch")
     assert (estimator.sketch_probes, estimator.ema_decay, estimator.seed) == (3, 0.9, 7)
 
 

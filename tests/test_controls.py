@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-from conftest import TokenDataset, lora_model, training_args
-from test_fisher_callback import SequentialFWLoraTrainer
+from conftest import SequentialFWLoraTrainer, TokenDataset, lora_model, training_args
+from references import brute_force_penalty
 
 from fw_trainer import FWLoraArguments, find_adapted_matrices
 from fw_trainer.state_files import IMPORTANCE_FILE
@@ -21,17 +21,14 @@ def train(tmp_path, **fw_kwargs):
     return trainer, model
 
 
-def brute_force_penalty(model, weights: torch.Tensor) -> torch.Tensor:
-    deltas = [matrix.layer.get_delta_weight("default") for matrix in find_adapted_matrices(model)]
-    return sum(w * delta.float().square().sum() for w, delta in zip(weights, deltas))
-
-
 @pytest.mark.parametrize("normalization", ["sum", "max"])
 def test_power_zero_is_the_same_penalty_with_every_weight_one(tmp_path, normalization):
     trainer, model = train(tmp_path, fw_power=0.0, fw_normalization=normalization)
     warmup = trainer.fisher_callback
     assert torch.equal(warmup.penalty_weights, torch.ones(12))
-    torch.testing.assert_close(warmup.penalty(), brute_force_penalty(model, torch.ones(12)), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        warmup.penalty(), brute_force_penalty(find_adapted_matrices(model), torch.ones(12)), rtol=1e-5, atol=0
+    )
 
 
 @pytest.mark.parametrize("normalization", ["sum", "max"])
@@ -50,7 +47,9 @@ def test_shuffled_importances_are_the_measured_ones_permuted_by_the_seed(tmp_pat
     weights = 1 - measured[permutation]
     torch.testing.assert_close(warmup.penalty_weights, weights, rtol=1e-6, atol=0)
     assert torch.equal(warmup.penalty_weights.sort().values, reference.fisher_callback.penalty_weights.sort().values)
-    torch.testing.assert_close(warmup.penalty(), brute_force_penalty(model, weights), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        warmup.penalty(), brute_force_penalty(find_adapted_matrices(model), weights), rtol=1e-5, atol=0
+    )
     saved = json.loads((tmp_path / IMPORTANCE_FILE).read_text())
     assert saved["shuffle_seed"] == 7
     rows = list(saved["modules"].values())

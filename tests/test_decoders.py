@@ -7,8 +7,9 @@ import copy
 
 import pytest
 import torch
-from conftest import training_args
+from conftest import SequentialFWLoraTrainer, lora_weights, training_args
 from peft import get_peft_model
+from references import brute_force_penalty, reference_fisher_under_accumulation
 from tiny_decoders import DECODERS, CausalLMDataset, decoder_lora_config, expected_decoder_targets, tiny_decoder
 from torch.utils.data import SequentialSampler
 from transformers import AutoModelForSequenceClassification, Trainer
@@ -16,7 +17,6 @@ from transformers import AutoModelForSequenceClassification, Trainer
 from fw_trainer import (
     FisherWeightedPenalty,
     FWLoraArguments,
-    FWLoraTrainer,
     build_peft_model,
     find_adapted_matrices,
     resolve_target_modules,
@@ -34,15 +34,6 @@ class SequentialTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         return SequentialSampler(self.train_dataset)
-
-
-class SequentialFWLoraTrainer(FWLoraTrainer):
-    def _get_train_sampler(self, train_dataset=None):
-        return SequentialSampler(self.train_dataset)
-
-
-def adapters(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
 
 
 @pytest.mark.parametrize("model_type", list(DECODERS))
@@ -79,23 +70,6 @@ def test_llama_sequence_classification_trains_its_score_head():
     assert summary.trainable_params == summary.adapter_params + summary.head_params
 
 
-def reference_fisher_under_accumulation(model, micro_batches, num_items: int) -> torch.Tensor:
-    """The definition, by autograd on unfrozen copies of the adapted weights: the loss the Trainer optimises is each
-    micro-batch's token sum over the step's `num_items` label tokens; the statistic of a micro-batch is
-    `‖∇W (GA · L_micro)‖²` (the micro-batch on the scale of its own mean), averaged over the step's micro-batches."""
-    reference = copy.deepcopy(model)
-    reference.train()
-    weights = [matrix.base_weight for matrix in find_adapted_matrices(reference)]
-    for weight in weights:
-        weight.requires_grad_(True)
-    values = []
-    for batch in micro_batches:
-        loss = reference(**batch, num_items_in_batch=torch.tensor(num_items)).loss
-        grads = torch.autograd.grad(len(micro_batches) * loss, weights)
-        values.append(torch.stack([grad.pow(2).sum() for grad in grads]))
-    return torch.stack(values).mean(0)
-
-
 @pytest.mark.parametrize("model_type", list(DECODERS))
 def test_fisher_equals_autograd_under_accumulation_with_ignored_labels(tmp_path, model_type):
     dataset = CausalLMDataset(size=8, seed=1)
@@ -110,8 +84,9 @@ def test_fisher_equals_autograd_under_accumulation_with_ignored_labels(tmp_path,
         train_dataset=dataset,
         fw_args=fw_args,
     )
-    # The step's label tokens as the Trainer counts them (shifted for `...ForCausalLM`; GPT-2's class name maps to no loss
-    # type, so transformers counts its labels unshifted): part of the loss it optimises, not of what is tested here.
+    # The step's label tokens as the Trainer counts them (shifted for `...ForCausalLM`; GPT-2's class name maps to no
+    # loss type, so transformers counts its labels unshifted): part of the loss it optimises, not of what is tested
+    # here.
     num_items = int(trainer._get_num_items_in_batch([first, second], torch.device("cpu")))
     shifted = sum(counts)
     assert num_items == (shifted if model_type != "gpt2" else int((dataset.labels != -100).sum()))
@@ -141,7 +116,7 @@ def test_lambda_zero_trains_exactly_as_the_trainer_under_accumulation(tmp_path, 
     )
     fw.train()
     assert fw.fisher_callback.frozen
-    expected, actual = adapters(plain.model), adapters(fw.model)
+    expected, actual = lora_weights(plain.model), lora_weights(fw.model)
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
@@ -165,7 +140,7 @@ def test_penalty_equals_brute_force_with_get_delta_weight(model_type):
     matrices = find_adapted_matrices(model)
     assert {matrix.r for matrix in matrices} == {2, 4}
     weights = torch.rand(len(matrices))
-    expected = sum(w * m.layer.get_delta_weight("default").pow(2).sum() for w, m in zip(weights, matrices))
+    expected = brute_force_penalty(matrices, weights)
     torch.testing.assert_close(FisherWeightedPenalty(matrices, weights)(), expected, rtol=1e-5, atol=0)
     # ΔW has the base weight's layout (GPT-2's `Conv1D` stores `d_in × d_out`); `d_out`, `d_in` are the matrix's.
     for matrix in matrices:
@@ -190,7 +165,7 @@ def test_adalora_on_a_causal_lm_trains_the_same_under_accumulation(tmp_path):
             learning_rate=1e-2,
         )
         SequentialFWLoraTrainer(model=model, args=args, train_dataset=dataset, fw_args=fw_args).train()
-        return adapters(model)
+        return lora_weights(model)
 
     whole, accumulated = trained(4, 1), trained(2, 2)
     for name in whole:

@@ -1,44 +1,19 @@
 """The Fisher proxy of `FisherEstimator` and `FisherWarmupCallback` against autograd on unfrozen copies of the frozen
 weights."""
 
-import copy
 import json
 import os
 import warnings
 
 import pytest
 import torch
-from conftest import DEVICES, TokenDataset, lora_model, training_args
-from torch.utils.data import SequentialSampler
+from conftest import DEVICES, SequentialFWLoraTrainer, TokenDataset, lora_model, rows, training_args
+from references import reference_sq_grad_norms
 from transformers import TrainerCallback
 
-from fw_trainer import FisherEstimator, FisherWarmupCallback, FWLoraArguments, FWLoraTrainer, find_adapted_matrices
+from fw_trainer import FisherEstimator, FisherWarmupCallback, FWLoraArguments, find_adapted_matrices
 from fw_trainer.fisher_estimator import _FisherTap
 from fw_trainer.state_files import IMPORTANCE_FILE
-
-
-class SequentialFWLoraTrainer(FWLoraTrainer):
-    """Batches in dataset order, so a test knows which rows every micro-batch holds."""
-
-    def _get_train_sampler(self, train_dataset=None):
-        return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
-
-
-def reference_sq_grad_norms(model, batch, device: str = "cpu") -> torch.Tensor:
-    """`‖∇W_m L‖_F²` by autograd in fp32 on `device`, for every adapted frozen weight of an unfrozen copy of `model`."""
-    reference = copy.deepcopy(model).to(device)
-    batch = {key: value.to(device) for key, value in batch.items()}
-    reference.train()
-    weights = [matrix.base_weight for matrix in find_adapted_matrices(reference)]
-    for weight in weights:
-        weight.requires_grad_(True)
-    loss = reference(**batch).loss
-    grads = torch.autograd.grad(loss, weights)
-    return torch.stack([grad.pow(2).sum() for grad in grads])
-
-
-def rows(dataset, start, stop):
-    return {key: getattr(dataset, key)[start:stop] for key in ("input_ids", "attention_mask", "labels")}
 
 
 def train(tmp_path, model, fw_args, dataset, trainer_cls=SequentialFWLoraTrainer, callbacks=None, **kwargs):
@@ -86,7 +61,7 @@ def test_moving_average_over_steps_equals_hand_rolled_loop(tmp_path):
 
 
 def test_gradient_accumulation_averages_micro_batch_values(tmp_path):
-    """GA = 2 × 8 gives the mean of the two 8-row micro-batches' values (DESIGN §1), and trains exactly like 1 × 16.
+    """GA = 2 × 8 gives the mean of the two 8-row micro-batches' values, and trains exactly like 1 × 16.
 
     λ = 0, because the two F differ by definition (norm of a mean vs mean of norms) and so would the penalties.
     """
@@ -121,7 +96,8 @@ def test_loss_scale_is_undone(tmp_path):
     """A real `GradScaler` (fp16-style dynamic loss scaling, here on the CPU) leaves F and the training unchanged."""
     dataset = TokenDataset(size=16)
     model, fw_args = lora_model(fw_warmup_steps=2)
-    # No clipping: accelerate unscales before clipping only when it runs fp16 autocast itself, which it does not on CPU.
+    # No clipping: accelerate unscales before clipping only when it runs fp16 autocast itself, which it does not on
+    # CPU.
     plain = train(tmp_path / "plain", model, fw_args, dataset, max_steps=2, max_grad_norm=0.0)
 
     scaled_model, scaled_fw_args = lora_model(fw_warmup_steps=2)

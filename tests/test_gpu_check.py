@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_run_glue_fw import common, glue_dir, run, tiny_model_dir  # noqa: F401 (fixtures)
+from tiny_glue_runs import common, glue_dir, run, tiny_model_dir  # noqa: F401 (fixtures)
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from test_run_glue_fw import common, glue_dir, run, tiny_model_dir  # noqa: F401  (module-scoped fixtures)
+from tiny_glue_runs import common, glue_dir, run, tiny_model_dir  # noqa: F401  (module-scoped fixtures)
 
 
 pytest.importorskip("optuna")

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from conftest import TokenDataset, lora_model, training_args
-from test_fisher_callback import SequentialFWLoraTrainer, reference_sq_grad_norms, rows
-from test_penalty import brute_force
+from conftest import SequentialFWLoraTrainer, TokenDataset, lora_model, rows, training_args
+from references import brute_force_penalty, reference_sq_grad_norms
 from transformers import TrainerCallback
 
 from fw_trainer import FWLoraArguments, find_adapted_matrices
@@ -107,5 +106,5 @@ def test_power_of_the_penalty_weights(tmp_path):
     importances = trainer.fisher_callback.importances
     weights = (1 - importances) ** 3
     torch.testing.assert_close(trainer.fisher_callback.penalty_weights, weights)
-    expected = brute_force(find_adapted_matrices(model), weights, "delta")
+    expected = brute_force_penalty(find_adapted_matrices(model), weights)
     torch.testing.assert_close(trainer.fisher_callback.penalty(), expected, rtol=1e-5, atol=0)

@@ -1,6 +1,9 @@
-"""Kernel launches per training step, counted on the CPU with the profiler (see `fw_trainer.measurement`): on a GPU the step is
-bound by the host launching kernels, so what FW-LoRA adds to a LoRA step must not grow with the number of adapted
-matrices (after the warm-up), and stays at two kernels per matrix during it."""
+"""Kernel launches per training step, counted on the CPU with the profiler (see `fw_trainer.measurement`): on a GPU the
+step is bound by the host launching kernels, so what FW-LoRA adds to a LoRA step must not grow with the number of
+adapted matrices (after the warm-up), and stays at two kernels per matrix during it."""
+
+from collections import Counter
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ from conftest import TokenDataset, tiny_roberta, training_args
 from transformers import TrainerCallback
 
 from fw_trainer import FisherWeightedPenalty, FWLoraArguments, FWLoraTrainer, build_peft_model, find_adapted_matrices
-from fw_trainer.measurement import count_kernels, count_launched_operators, launched_operators
+from fw_trainer.measurement import count_kernels, launched_operators
 
 
 class ProfileStep(TrainerCallback):
@@ -40,6 +43,13 @@ def step_ops(tmp_path, method: str, layers: int, step: int = 3, **fw_kwargs):
         model=model, args=args, train_dataset=TokenDataset(size=32), fw_args=fw_args, callbacks=[profiler]
     ).train()
     return profiler.counts
+
+
+def count_launched_operators(fn: Callable[[], object]) -> Counter:
+    """[`launched_operators`] of one call of `fn`, profiled on the CPU."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    return launched_operators(profile)
 
 
 def penalty_with_gradients(layers: int) -> FisherWeightedPenalty:
@@ -132,7 +142,8 @@ def fast_step_kernels(tmp_path, method: str, **fw_kwargs) -> int:
 def test_on_the_fast_path_fw_lora_costs_what_lora_costs(tmp_path):
     """Compiled with inductor: the warm-up (its measurement traced into the graph) adds at most three kernels per
     adapted matrix, and a penalised step at most 3 % over LoRA's (the compiled penalty is a kernel or two). Failed
-    before: the warm-up ran eagerly (~1.7x LoRA's kernels), and the penalty's ~45 eager operators ran beside the graph."""
+    before: the warm-up ran eagerly (~1.7x LoRA's kernels), and the penalty's ~45 eager operators ran beside the
+    graph."""
     matrices = 12  # two layers of six roles
     lora = fast_step_kernels(tmp_path, "lora")
     for estimator in ("exact", "sketch"):

@@ -97,7 +97,8 @@ def test_no_module_over_400_lines():
 
 
 def test_no_module_shares_its_name_with_a_package_attribute():
-    # `fw_trainer.x` must be one thing: a module `x.py` and a function `x` exported by `__init__` would shadow each other.
+    # `fw_trainer.x` must be one thing: a module `x.py` and a function `x` exported by `__init__` would shadow each
+    # other.
     import fw_trainer
 
     for name in MODULES:

@@ -4,9 +4,9 @@ the option or adapter."""
 
 import pytest
 import torch
-from conftest import training_args
+from conftest import SequentialFWLoraTrainer, lora_weights, training_args
 from peft import get_peft_model
-from test_decoders import SequentialFWLoraTrainer, adapters, reference_fisher_under_accumulation
+from references import reference_fisher_under_accumulation
 from tiny_decoders import CausalLMDataset, decoder_lora_config, expected_decoder_targets, tiny_decoder
 from torch import nn
 
@@ -72,7 +72,7 @@ def test_the_penalty_reaches_the_active_adapter_of_several(tmp_path):
         assert {m.adapter_name for m in find_adapted_matrices(model)} == {"sst2"}
         trainer = fw_trainer(model, tmp_path / str(fw_lambda), fw_lambda=fw_lambda)
         trainer.train()
-        return adapters(trainer.model)
+        return lora_weights(trainer.model)
 
     unpenalised, penalised = trained(0.0), trained(100.0)
     sst2 = [name for name in unpenalised if ".sst2." in name]

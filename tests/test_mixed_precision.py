@@ -4,13 +4,14 @@
 On a GPU the same code runs under CUDA autocast; these tests are what CI can see of it (the sketch's bf16 crash
 reproduced here on the CPU).
 """
+# ruff: noqa: F811  (the fixtures imported from tiny_glue_runs are parameters of the tests below)
 
 import math
 
 import pytest
 import torch
 from conftest import TokenDataset, lora_model, training_args
-from test_run_glue_fw import common, glue_dir, read_json, run, tiny_model_dir  # noqa: F401 (fixtures)
+from tiny_glue_runs import common, glue_dir, read_json, run, tiny_model_dir  # noqa: F401 (fixtures)
 
 from fw_trainer import FWLoraTrainer
 from fw_trainer.measurement import peak_memory_mb, reset_peak_memory
@@ -49,7 +50,7 @@ METHOD_ARGUMENTS = {
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_ARGUMENTS))
-def test_every_method_trains_under_bf16(method, tiny_model_dir, glue_dir, tmp_path):  # noqa: F811
+def test_every_method_trains_under_bf16(method, tiny_model_dir, glue_dir, tmp_path):
     out = tmp_path / method
     extra = METHOD_ARGUMENTS[method]
     args = common(tiny_model_dir, out, "--task_name", "sst2", "--glue_dir", glue_dir, "--method", method, *extra)
@@ -67,7 +68,7 @@ def test_every_method_trains_under_bf16(method, tiny_model_dir, glue_dir, tmp_pa
 @pytest.mark.parametrize("mode", ["train", "calibrate"])
 @pytest.mark.parametrize("estimator", ["exact", "sketch"])
 @pytest.mark.parametrize("method", ["fw_lora", "iw_lora"])
-def test_fisher_methods_under_bf16_match_fp32(method, estimator, mode, tiny_model_dir, glue_dir, tmp_path):  # noqa: F811
+def test_fisher_methods_under_bf16_match_fp32(method, estimator, mode, tiny_model_dir, glue_dir, tmp_path):
     # The same weights and batches in both runs (learning rate 0), so that only the precision differs; many probes,
     # so that the sketch's own noise (the same probes in both runs) stays below bf16's.
     extra = [
@@ -146,7 +147,7 @@ def test_peak_memory_is_read_from_the_device_the_run_trains_on(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_use_cpu_on_a_gpu_machine_reports_cpu_peak_memory(tiny_model_dir, glue_dir, tmp_path):  # noqa: F811
+def test_use_cpu_on_a_gpu_machine_reports_cpu_peak_memory(tiny_model_dir, glue_dir, tmp_path):
     out = tmp_path / "cpu-run"
     assert run(common(tiny_model_dir, out, "--task_name", "sst2", "--glue_dir", glue_dir)) == 0
     results = read_json(out / "all_results.json")
@@ -155,7 +156,7 @@ def test_use_cpu_on_a_gpu_machine_reports_cpu_peak_memory(tiny_model_dir, glue_d
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
-def test_fw_lora_on_cuda_reports_cuda_peak_memory(precision, tiny_model_dir, glue_dir, tmp_path):  # noqa: F811
+def test_fw_lora_on_cuda_reports_cuda_peak_memory(precision, tiny_model_dir, glue_dir, tmp_path):
     out = tmp_path / "gpu-run"
     args = common(tiny_model_dir, out, "--task_name", "sst2", "--glue_dir", glue_dir, precision)
     args.remove("--use_cpu")

@@ -45,7 +45,7 @@ def test_budget_to_rank_on_roberta_base(budget, rank, percent):
     base = sum(p.numel() for p in model.parameters())
     assert round(base / 1e6, 1) == 124.6
     assert rank_for_budget(model, targets, budget) == rank
-    # 13,824 r parameters per layer (DESIGN §4), 12 layers.
+    # 13,824 r parameters per layer, 12 layers.
     assert round(100 * rank * 13_824 * 12 / base, 3) == percent
 
 

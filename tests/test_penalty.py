@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import DEVICES, lora_model
+from references import brute_force_penalty
 
 from fw_trainer import FisherWeightedPenalty, find_adapted_matrices
 
@@ -22,17 +23,6 @@ def randomized_matrices(device: str = "cpu", **fw_kwargs):
     return model, matrices, weights.to(device)
 
 
-def brute_force(matrices, weights, penalty):
-    total = 0.0
-    for matrix, weight in zip(matrices, weights):
-        if penalty == "delta":
-            value = matrix.layer.get_delta_weight(matrix.adapter_name).pow(2).sum()
-        else:
-            value = matrix.lora_A.pow(2).sum() + matrix.lora_B.pow(2).sum()
-        total = total + weight * value
-    return total
-
-
 @pytest.mark.parametrize("penalty", ["delta", "factors"])
 @pytest.mark.parametrize("lora_alpha", [16.0, 3.0])
 @pytest.mark.parametrize("device", DEVICES)
@@ -40,7 +30,7 @@ def test_value_and_gradient_match_brute_force(penalty, lora_alpha, device):
     _, matrices, weights = randomized_matrices(device, lora_alpha=lora_alpha, lora_r=4)
     params = [p for matrix in matrices for p in (matrix.lora_A, matrix.lora_B)]
 
-    expected = brute_force(matrices, weights, penalty)
+    expected = brute_force_penalty(matrices, weights, penalty)
     expected_grads = torch.autograd.grad(expected, params)
     penalty_fn = FisherWeightedPenalty(matrices, weights, penalty)
     value = penalty_fn()
@@ -59,7 +49,7 @@ def test_fused_backward_adds_the_autograd_gradient(penalty, scale, device):
     """`penalty.backward(scale)` (analytic gradient, `_foreach_add_`) adds what autograd gives for `scale · R`."""
     _, matrices, weights = randomized_matrices(device, lora_alpha=3.0, lora_r=4)
     params = [p for matrix in matrices for p in (matrix.lora_A, matrix.lora_B)]
-    expected = brute_force(matrices, weights, penalty)
+    expected = brute_force_penalty(matrices, weights, penalty)
     expected_grads = torch.autograd.grad(0.37 * expected, params)
     previous = [torch.randn_like(p) for p in params]  # the task loss's gradients, already there
     for param, grad in zip(params, previous):
@@ -77,7 +67,7 @@ def test_fused_backward_adds_the_autograd_gradient(penalty, scale, device):
 def test_fused_backward_gives_a_gradient_to_a_parameter_without_one():
     _, matrices, weights = randomized_matrices()
     params = [p for matrix in matrices for p in (matrix.lora_A, matrix.lora_B)]
-    expected_grads = torch.autograd.grad(brute_force(matrices, weights, "delta"), params)
+    expected_grads = torch.autograd.grad(brute_force_penalty(matrices, weights, "delta"), params)
     FisherWeightedPenalty(matrices, weights).backward()
     for param, expected_grad in zip(params, expected_grads):
         torch.testing.assert_close(param.grad, expected_grad, rtol=1e-3, atol=1e-4)
@@ -101,7 +91,7 @@ def test_zero_weight_switches_a_matrix_off():
 @pytest.mark.parametrize("device", DEVICES)
 def test_penalty_stays_fp32_under_bf16_autocast(device):
     _, matrices, weights = randomized_matrices(device)
-    expected = brute_force(matrices, weights, "delta")
+    expected = brute_force_penalty(matrices, weights, "delta")
     with torch.autocast(device, dtype=torch.bfloat16):
         value = FisherWeightedPenalty(matrices, weights)()
     assert value.dtype == torch.float32

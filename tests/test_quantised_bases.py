@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from conftest import training_args
+from conftest import SequentialFWLoraTrainer, lora_weights, training_args
 from peft import get_peft_model
-from test_decoders import SequentialFWLoraTrainer
+from references import brute_force_penalty, reference_sq_grad_norms
 from tiny_decoders import CausalLMDataset, decoder_lora_config, tiny_decoder
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -58,24 +58,20 @@ def test_four_bit_fisher_equals_autograd_on_the_dequantised_weights(model_dir):
     estimator.end_step()
     estimator.stop()
 
-    weights = [matrix.base_weight for matrix in find_adapted_matrices(twin)]
-    for weight in weights:
-        weight.requires_grad_(True)
-    twin.train()
-    expected = torch.stack([g.pow(2).sum() for g in torch.autograd.grad(twin(**batch).loss, weights)])
+    expected = reference_sq_grad_norms(twin, batch)
     # The 4-bit kernel rounds differently from a float matmul with the dequantised weight (the losses agree to about
     # 1e-5, F to about 0.2 %): the tolerance is that rounding, not the method's.
     torch.testing.assert_close(estimator.fisher, expected, rtol=2e-2, atol=0)
 
     weights = torch.rand(len(matrices))
-    brute_force = sum(w * m.layer.get_delta_weight("default").pow(2).sum() for w, m in zip(weights, matrices))
+    brute_force = brute_force_penalty(matrices, weights)
     torch.testing.assert_close(FisherWeightedPenalty(matrices, weights)(), brute_force, rtol=1e-5, atol=0)
 
 
 def test_fw_lora_trains_a_four_bit_base(model_dir, tmp_path):
     quantised, _ = four_bit_model_and_its_float_twin(model_dir)
     packed = {name: p.detach().clone() for name, p in quantised.named_parameters() if p.dtype == torch.uint8}
-    before = {name: p.detach().clone() for name, p in quantised.named_parameters() if "lora_" in name}
+    before = lora_weights(quantised)
     fw_args = FWLoraArguments(method="fw_lora", fw_warmup_steps=2, fw_lambda=1.0)
     args = training_args(tmp_path, per_device_train_batch_size=4, max_steps=4)
     trainer = SequentialFWLoraTrainer(model=quantised, args=args, train_dataset=CausalLMDataset(16), fw_args=fw_args)

@@ -198,12 +198,11 @@ def test_what_may_change_on_resume(checkpoint, tmp_path, caplog):
     assert "in another environment: torch 1.0.0 then" in caplog.text  # a warning, not a refusal
 
 
-def test_a_checkpoint_without_identity_resumes_with_a_warning(checkpoint, tmp_path, caplog):
-    """Checkpoints written before the identity existed still resume; the log says they could not be checked."""
+def test_a_checkpoint_without_identity_is_refused(checkpoint, tmp_path):
+    """Every checkpoint FWLoraTrainer writes holds its identity: one without cannot be checked to be this run."""
     (tmp_path / "checkpoint-2" / RUN_IDENTITY_FILE).unlink()
-    with caplog.at_level(logging.WARNING, logger="fw_trainer"):
+    with pytest.raises(CheckpointError, match=f"has no {RUN_IDENTITY_FILE}, which every checkpoint"):
         make_trainer(tmp_path / "out").check_resume(checkpoint)
-    assert "records no run identity" in caplog.text
 
 
 def truncate(path):
@@ -218,7 +217,15 @@ def edit_importances(run, edit):
     write_json(path, state)
 
 
-# What to resume from (relative to a copy of the finished FW-LoRA run), how to damage it first, and what the error says.
+def edit_identity(run, edit):
+    path = run / "checkpoint-2" / RUN_IDENTITY_FILE
+    identity = read_json(path)
+    edit(identity)
+    write_json(path, identity)
+
+
+# What to resume from (relative to a copy of the finished FW-LoRA run), how to damage it first, and what the error
+# says.
 FAULTS = {
     "missing": ("checkpoint-3", None, "does not exist. The last complete checkpoint in"),
     "a_file": ("checkpoint-2/trainer_state.json", None, "is a file, not a checkpoint"),
@@ -255,9 +262,10 @@ FAULTS = {
         lambda run: edit_importances(run, lambda state: next(iter(state["modules"].values())).update(fisher="x")),
         "is 'x', not a finite non-negative number",
     ),
+    # The options of the warm-up are compared once, in the identity (fw_importance.json only records them).
     "other_warmup_options": (
         "checkpoint-2",
-        lambda run: edit_importances(run, lambda state: state.update(warmup_steps=3)),
+        lambda run: edit_identity(run, lambda identity: identity["run"].update(fw_warmup_steps=3)),
         "fw_warmup_steps: 3 in the checkpoint, 2 asked",
     ),
     "no_adapter": (
@@ -287,8 +295,9 @@ def test_a_checkpoint_that_cannot_be_resumed_is_refused_before_anything_is_writt
 
 
 def test_adapters_that_do_not_fit_the_model_are_refused(checkpoint, tmp_path):
-    """Without an identity (an older checkpoint), the adapter's shapes still tell another rank."""
-    (tmp_path / "checkpoint-2" / RUN_IDENTITY_FILE).unlink()
+    """An identity that matches but adapter weights of another rank (files of two runs mixed): the adapter's shapes
+    tell."""
+    edit_identity(tmp_path, lambda identity: identity["run"].update(rank=4))
     with pytest.raises(CheckpointError, match="do not fit the model being trained: 24 tensor"):
         make_trainer(tmp_path / "out", fw_kwargs=dict(lora_r=4)).check_resume(checkpoint)
 

@@ -11,7 +11,7 @@ from conftest import tiny_roberta
 from peft import LoraConfig, get_peft_model
 from test_aggregate import fabricate_run
 
-from fw_trainer.run_directory import clear_previous_run
+from fw_trainer.glue.run_directory import clear_previous_run
 from fw_trainer.run_environment import RUN_ENVIRONMENT_FILE, adapter_file_bytes, hardware, write_run_environment
 from fw_trainer.study.aggregate import aggregate_groups, markdown_tables
 from fw_trainer.study.run_metrics import collect_run_metrics

@@ -3,7 +3,7 @@ and pads batches to lengths that repeat."""
 
 import pytest
 import torch
-from test_run_glue_fw import common, glue_dir, read_json, run, tiny_model_dir  # noqa: F401 (fixtures)
+from tiny_glue_runs import common, glue_dir, read_json, run, tiny_model_dir  # noqa: F401 (fixtures)
 from transformers import TrainingArguments
 
 from fw_trainer import reset_compile_stats

@@ -1,6 +1,7 @@
 """`run_glue_fw.py` off the happy path: every fault a user can cause ends in one `error:` paragraph and exit status 2
 with nothing written, a run killed while it saves resumes as if it had not been, and the command users type does the
 job."""
+# ruff: noqa: F811  (the fixtures imported from tiny_glue_runs are parameters of the tests below)
 
 import json
 import math
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_run_glue_fw import common, glue_dir, read_json, run, tiny_model_dir  # noqa: F401
+from tiny_glue_runs import common, glue_dir, read_json, run, tiny_model_dir  # noqa: F401
 from transformers import AutoModelForSequenceClassification
 
 from fw_trainer.checkpoints import is_complete_checkpoint
@@ -29,12 +30,16 @@ def base_args(model_dir, glue, output_dir, *extra):
     """An FW-LoRA SST-2 run of 12 steps (K = 4) with a checkpoint every 4 steps."""
     return [
         *common(model_dir, output_dir, "--task_name", "sst2", "--glue_dir", glue, "--report_to", "none"),
-        "--save_strategy", "steps", "--save_steps", "4", *extra,
-    ]  # fmt: skip
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "4",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
-def straight_run(tiny_model_dir, glue_dir, tmp_path_factory):  # noqa: F811
+def straight_run(tiny_model_dir, glue_dir, tmp_path_factory):
     """An uninterrupted run, with checkpoints 4, 8 and 12."""
     out = tmp_path_factory.mktemp("straight")
     assert run(base_args(tiny_model_dir, glue_dir, out)) == 0
@@ -71,7 +76,7 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-def edit_importances(path: Path, edit) -> None:
+def edit_json(path: Path, edit) -> None:
     state = read_json(path)
     edit(state)
     path.write_text(json.dumps(state))
@@ -114,13 +119,13 @@ RESUME_FAULTS = {
     ),
     "importances_of_the_wrong_length": (
         [],
-        lambda out: edit_importances(out / "checkpoint-8" / IMPORTANCE_FILE, lambda s: s["modules"].popitem()),
+        lambda out: edit_json(out / "checkpoint-8" / IMPORTANCE_FILE, lambda s: s["modules"].popitem()),
         "holds the statistics of 11 adapted matrices, but the model being trained has 12",
         "Resume from an earlier checkpoint",
     ),
     "importances_with_unknown_keys": (
         [],
-        lambda out: edit_importances(out / "checkpoint-8" / IMPORTANCE_FILE, lambda s: s.update(fisher_v2=[])),
+        lambda out: edit_json(out / "checkpoint-8" / IMPORTANCE_FILE, lambda s: s.update(fisher_v2=[])),
         "it has unknown keys fisher_v2",
         "Resume from an earlier checkpoint",
     ),
@@ -149,9 +154,12 @@ RESUME_FAULTS = {
         "data.max_seq_length: 64 in the checkpoint, 16 asked",
         "Resume it with the arguments it was trained with",
     ),
+    # An identity that matches but adapter weights of another rank (files of two runs mixed): the shapes tell.
     "adapters_that_do_not_fit": (
         ["--lora_r", "8"],
-        lambda out: (out / "checkpoint-8" / RUN_IDENTITY_FILE).unlink(),
+        lambda out: edit_json(
+            out / "checkpoint-8" / RUN_IDENTITY_FILE, lambda identity: identity["run"].update(rank=8)
+        ),
         "The adapter weights in {out}/checkpoint-8 do not fit the model being trained: 24 tensor(s) differ",
         "resume with those",
     ),
@@ -273,7 +281,7 @@ def test_an_argument_fault_is_one_paragraph_and_writes_nothing(
     assert not (tmp_path / "new").exists()  # not even the folders the Trainer creates
 
 
-def test_a_diverged_warmup_is_one_paragraph(tiny_model_dir, glue_dir, tmp_path, capsys):  # noqa: F811
+def test_a_diverged_warmup_is_one_paragraph(tiny_model_dir, glue_dir, tmp_path, capsys):
     """A model that computes NaN from the start: the warm-up has nothing to measure, and the run stops there."""
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
     with torch.no_grad():
@@ -327,11 +335,27 @@ def test_a_run_killed_while_saving_resumes_as_the_uninterrupted_run(
     assert results[0]["eval_loss"] == pytest.approx(results[1]["eval_loss"], rel=1e-5)
 
 
-def test_the_command_users_type_trains_and_evaluates(tiny_model_dir, glue_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_the_command_users_type_trains_and_evaluates(tiny_model_dir, glue_dir, tmp_path, monkeypatch, capsys):
     """No --do_train/--do_eval/--do_predict and no --output_dir: train, evaluate, into outputs/<task>-<method>."""
     monkeypatch.chdir(tmp_path)
-    args = ["--model_name_or_path", tiny_model_dir, "--glue_dir", glue_dir, "--task_name", "sst2", "--method", "fw_lora",
-            "--bf16", "--use_cpu", "--max_steps", "6", "--fw_warmup_steps", "2", "--report_to", "none"]  # fmt: skip
+    args = [
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--glue_dir",
+        glue_dir,
+        "--task_name",
+        "sst2",
+        "--method",
+        "fw_lora",
+        "--bf16",
+        "--use_cpu",
+        "--max_steps",
+        "6",
+        "--fw_warmup_steps",
+        "2",
+        "--report_to",
+        "none",
+    ]
     assert run(args) == 0
     out = tmp_path / "outputs" / "sst2-fw_lora"
     results = read_json(out / "all_results.json")

@@ -1,7 +1,7 @@
 """`run_glue_fw.py` never reports a wrong run as a good one: one run per output directory (two real processes), a clean
 overwrite, a diverged run that fails, user faults in files and paths as one paragraph, and the importances in
 TensorBoard at the freeze."""
-# ruff: noqa: F811  (the fixtures imported from test_run_glue_fw are parameters of the tests below)
+# ruff: noqa: F811  (the fixtures imported from tiny_glue_runs are parameters of the tests below)
 
 import glob
 import json
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_run_glue_fw import glue_dir, read_json, run, tiny_model_dir  # noqa: F401  (module-scoped fixtures)
 from test_run_glue_fw_faults import base_args, error_paragraph, tree
+from tiny_glue_runs import glue_dir, read_json, run, tiny_model_dir  # noqa: F401  (module-scoped fixtures)
 
 from fw_trainer.glue.run import DIVERGED_EXIT_STATUS
-from fw_trainer.run_directory import LOCK_FILE
+from fw_trainer.glue.run_directory import LOCK_FILE
 from fw_trainer.state_files import IMPORTANCE_FILE
 from fw_trainer.study.run_metrics import read_run_artifacts
 
@@ -102,9 +102,10 @@ def test_a_diverged_run_fails_and_keeps_its_files(tiny_model_dir, glue_dir, tmp_
 def test_a_study_counts_a_diverged_run_as_failed_without_retrying(tiny_model_dir, glue_dir, tmp_path):
     from fw_trainer.study.sweep import main as sweep
 
-    args = {"model_name_or_path": str(tiny_model_dir), "task_name": "sst2", "glue_dir": str(glue_dir), "do_train": True,
-            "do_eval": True, "max_steps": 8, "per_device_train_batch_size": 16, "lora_r": 4, "use_cpu": True,
-            "adam_epsilon": 0, "max_grad_norm": 0, "report_to": "none", "save_strategy": "no"}  # fmt: skip
+    args = {"model_name_or_path": str(tiny_model_dir), "task_name": "sst2", "glue_dir": str(glue_dir),
+            "do_train": True, "do_eval": True, "max_steps": 8, "per_device_train_batch_size": 16, "lora_r": 4,
+            "use_cpu": True, "adam_epsilon": 0, "max_grad_norm": 0, "report_to": "none",
+            "save_strategy": "no"}  # fmt: skip
     study = {"output_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"), "args": args,
              "axes": {"method": {"lora": {"method": "lora"}}}}  # fmt: skip
     (tmp_path / "study.yaml").write_text(json.dumps(study))

@@ -1,11 +1,12 @@
 """`run_glue_fw.py` with peft's LoRA variants as baselines (`--use_dora`, `--use_rslora`, `--init_lora_weights`),
 recorded in the run's identity; refused for FW-LoRA where it would measure them wrong; and a decoder classifier
 (`LlamaForSequenceClassification`) through the script."""
+# ruff: noqa: F811  (the fixtures imported from tiny_glue_runs are parameters of the tests below)
 
 import pytest
 import torch
-from test_run_glue_fw import common, glue_dir, read_json, run, tiny_model_dir  # noqa: F401  (module-scoped fixtures)
 from test_run_glue_fw_faults import error_paragraph, tree
+from tiny_glue_runs import common, glue_dir, read_json, run, tiny_model_dir  # noqa: F401  (module-scoped fixtures)
 from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
 
@@ -22,7 +23,7 @@ def script(model_dir, glue, out, *extra):
     ],
     ids=["dora", "rslora", "pissa"],
 )
-def test_a_lora_variant_is_a_baseline_recorded_in_the_identity(flags, recorded, tiny_model_dir, glue_dir, tmp_path):  # noqa: F811
+def test_a_lora_variant_is_a_baseline_recorded_in_the_identity(flags, recorded, tiny_model_dir, glue_dir, tmp_path):
     out = tmp_path / "out"
     assert run(script(tiny_model_dir, glue_dir, out, "--method", "lora", *flags)) == 0
     identity = read_json(out / "fw_run_identity.json")["run"]
@@ -35,7 +36,7 @@ def test_a_lora_variant_is_a_baseline_recorded_in_the_identity(flags, recorded, 
 
 @pytest.mark.parametrize("flags", [["--use_dora"], ["--init_lora_weights", "olora"]], ids=["dora", "olora"])
 @pytest.mark.parametrize("method", ["fw_lora", "iw_lora"])
-def test_fw_lora_refuses_a_variant_it_would_measure_wrong(method, flags, tiny_model_dir, glue_dir, tmp_path, capsys):  # noqa: F811
+def test_fw_lora_refuses_a_variant_it_would_measure_wrong(method, flags, tiny_model_dir, glue_dir, tmp_path, capsys):
     before = tree(tmp_path)
     assert run(script(tiny_model_dir, glue_dir, tmp_path / "out", "--method", method, *flags)) == 2
     error = error_paragraph(capsys.readouterr().err)
@@ -43,14 +44,14 @@ def test_fw_lora_refuses_a_variant_it_would_measure_wrong(method, flags, tiny_mo
     assert tree(tmp_path) == before
 
 
-def test_fw_lora_with_rslora_measures_the_rslora_adapter(tiny_model_dir, glue_dir, tmp_path):  # noqa: F811
+def test_fw_lora_with_rslora_measures_the_rslora_adapter(tiny_model_dir, glue_dir, tmp_path):
     out = tmp_path / "out"
     assert run(script(tiny_model_dir, glue_dir, out, "--method", "fw_lora", "--use_rslora")) == 0
     assert read_json(out / "adapter_config.json")["use_rslora"] is True
     assert read_json(out / "fw_importance.json")["frozen_at_step"] == 4
 
 
-def test_a_decoder_classifier_through_the_script(tiny_model_dir, glue_dir, tmp_path):  # noqa: F811
+def test_a_decoder_classifier_through_the_script(tiny_model_dir, glue_dir, tmp_path):
     """LlamaForSequenceClassification (pad token set): default decoder targets, the `score` head trained, FW-LoRA's
     importances over layers × roles."""
     model_dir = tmp_path / "tiny-llama"

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import TokenDataset, lora_model, training_args
+from conftest import SequentialFWLoraTrainer, TokenDataset, lora_model, rows, training_args
+from references import reference_sq_grad_norms
 from scipy.stats import spearmanr
-from test_fisher_callback import SequentialFWLoraTrainer, reference_sq_grad_norms, rows
 
 from fw_trainer import FisherEstimator
 

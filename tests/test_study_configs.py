@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_run_glue_fw import common, glue_dir, read_json, run, run_glue_fw, tiny_model_dir  # noqa: F401
+from tiny_glue_runs import common, glue_dir, read_json, run, run_glue_fw, tiny_model_dir  # noqa: F401
 
 from fw_trainer.glue.arguments import to_argv
 from fw_trainer.study.config import StudyConfig

@@ -15,8 +15,8 @@ from transformers.integrations import is_tensorboard_available
 from ..arguments import FWLoraArguments
 from ..errors import UsageError
 from ..identity import resume_rules
-from ..preflight import check_finite, check_method_arguments, check_training_arguments
-from .data import TASK_TO_KEYS, glue_dir_from_env
+from .preflight import check_finite, check_method_arguments, check_training_arguments
+from .tsv_layout import TASK_TO_KEYS, glue_dir_from_env
 
 
 # The arguments that select the training data, as [`run_data`] records them in the run's identity.
@@ -74,7 +74,8 @@ class ModelArguments:
 
 @dataclass
 class DataTrainingArguments:
-    """What data to train and evaluate on (as in run_glue.py, plus `glue_dir`, `pad_to_multiple_of` and `shuffle_*`)."""
+    """What data to train and evaluate on (as in run_glue.py, plus `glue_dir`, `pad_to_multiple_of` and
+    `shuffle_*`)."""
 
     task_name: Optional[str] = field(
         default=None, metadata={"help": "The name of the task to train on: " + ", ".join(TASK_TO_KEYS)}
@@ -148,7 +149,8 @@ class DataTrainingArguments:
     def __post_init__(self):
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise ValueError(
-                f"--pad_to_multiple_of should be a positive integer, but the value passed is {self.pad_to_multiple_of}."
+                "--pad_to_multiple_of should be a positive integer, but the value passed is "
+                f"{self.pad_to_multiple_of}."
             )
         if self.glue_dir is None:
             self.glue_dir = glue_dir_from_env()
@@ -162,8 +164,8 @@ class DataTrainingArguments:
                 )
         if self.task_name is not None and (self.train_file is not None or self.validation_file is not None):
             raise ValueError(
-                "--task_name loads a GLUE task and --train_file/--validation_file load your own files: pass one or the "
-                "other, not both."
+                "--task_name loads a GLUE task and --train_file/--validation_file load your own files: pass one or "
+                "the other, not both."
             )
         if self.task_name is not None:
             self.task_name = self.task_name.lower()
@@ -214,9 +216,10 @@ class ScriptArguments:
     hpo_trials: int = field(
         default=0,
         metadata={
-            "help": "Run an Optuna search of this many trials (0: no search) over learning rate, rank, batch size and, "
-            "for FW-LoRA, fw_lambda and fw_warmup_steps, optimising the last dev evaluation of each trial; writes "
-            "hpo_results.json and trains no final model (rerun with the best parameters). Needs `pip install optuna`."
+            "help": "Run an Optuna search of this many trials (0: no search) over learning rate, rank, batch size "
+            "and, for FW-LoRA, fw_lambda and fw_warmup_steps, optimising the last dev evaluation of each trial; "
+            "writes hpo_results.json and trains no final model (rerun with the best parameters). Needs "
+            '`pip install "fw-lora[hpo]"`.'
         },
     )
     hpo_sampler_seed: int = field(default=42, metadata={"help": "Seed of Optuna's TPE sampler."})
@@ -276,8 +279,8 @@ def parse_args(
     argv: list[str],
 ) -> tuple[ModelArguments, DataTrainingArguments, FWLoraArguments, ScriptArguments, TrainingArguments]:
     """
-    Parses `[config.yaml] [--flag value ...]` (or `--config config.yaml`) into the script's dataclasses, refusing combinations that cannot run.
-    Reports to TensorBoard when it is installed and `--report_to` is not given.
+    Parses `[config.yaml] [--flag value ...]` (or `--config config.yaml`) into the script's dataclasses, refusing
+    combinations that cannot run. Reports to TensorBoard when it is installed and `--report_to` is not given.
 
     Without `--do_train`, `--do_eval` or `--do_predict` it trains and evaluates; without `--output_dir` the run goes
     to [`default_output_dir`].

@@ -4,11 +4,8 @@ model), and the script's logging setup."""
 import json
 import logging
 import os
-import sys
 from typing import Optional
 
-import datasets
-import transformers
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -16,7 +13,6 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    TrainingArguments,
 )
 
 from ..errors import UsageError
@@ -24,29 +20,6 @@ from .arguments import ModelArguments
 
 
 logger = logging.getLogger(__name__)
-
-
-def setup_logging(training_args: TrainingArguments) -> None:
-    """Logging as in run_glue.py: info on the main process, the process's device and precision as a warning."""
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    if training_args.should_log:
-        # The default of training_args.log_level is passive, so we set log level at info here to have that default.
-        transformers.utils.logging.set_verbosity_info()
-    log_level = training_args.get_process_log_level()
-    logging.getLogger("fw_trainer").setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
-    logger.warning(
-        f"Process rank: {training_args.local_process_index}, device: {training_args.device}, n_gpu: "
-        f"{training_args.n_gpu}, distributed training: {training_args.parallel_mode.value == 'distributed'}, "
-        f"16-bits training: {training_args.fp16}, bf16: {training_args.bf16}"
-    )
 
 
 def resolve_model_path(model_args: ModelArguments) -> str:
@@ -121,8 +94,8 @@ def _check_model_directory(argument: str, path: str) -> None:
         with open(adapter_config) as f:
             base = json.load(f).get("base_model_name_or_path")
         raise UsageError(
-            f"{argument} {path} holds a LoRA adapter, not a model: pass its base model, {argument} {base}. (To use the "
-            "adapter itself, load it with `PeftModel.from_pretrained(model, path)`.)"
+            f"{argument} {path} holds a LoRA adapter, not a model: pass its base model, {argument} {base}. (To use "
+            "the adapter itself, load it with `PeftModel.from_pretrained(model, path)`.)"
         )
     raise UsageError(
         f"{argument} {path} is a directory without a model (no config.json). Pass a saved model's directory or a "

@@ -12,8 +12,8 @@ from torch import nn
 from transformers.trainer import TRAINER_STATE_NAME
 
 from ..adapted_matrices import delta_weight_norms
-from ..run_directory import ALL_RESULTS_FILE as ALL_RESULTS_FILE  # the files a finished run holds, together
 from ..state_files import write_json_atomic
+from .run_directory import ALL_RESULTS_FILE as ALL_RESULTS_FILE  # the files a finished run holds, together
 
 
 if TYPE_CHECKING:
@@ -104,8 +104,8 @@ def print_report(
 
 
 def print_search_report(results: dict[str, Any]) -> None:
-    """Prints the best trial of a hyper-parameter search ([`run_hyperparameter_search`]'s results) and its parameters as
-    flags to rerun with."""
+    """Prints the best trial of a hyper-parameter search ([`run_hyperparameter_search`]'s results) and its parameters
+    as flags to rerun with."""
     best, objective = results["best_trial"], results["objective"]
     print(f"\nBest of {len(results['trials'])} trials: #{best['number']}, {objective} = {best['objective']:.4f}")
     print("Parameters: " + ", ".join(f"--{key} {value}" for key, value in best["params"].items()))

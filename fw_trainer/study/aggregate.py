@@ -14,7 +14,8 @@ Aggregates a finished (or partly finished) study into the artefacts of a paper, 
   study that varies λ, the capacity correlations, importance and `‖ΔW‖_F` heatmaps per method.
 
     python -m fw_trainer.study.aggregate configs/studies/cpu_minilm.yaml
-    python -m fw_trainer.study.aggregate configs/studies/fisher_controls_{a,b}.yaml --combined_dir results/fisher_controls
+    python -m fw_trainer.study.aggregate configs/studies/fisher_controls_{a,b}.yaml --combined_dir
+    results/fisher_controls
 """
 
 import argparse
@@ -127,7 +128,8 @@ def markdown_tables(
     lines = [f"Hardware: {devices.pop()}.", ""] if devices and not hardware_column else []
     extra_columns = (" adapter file (MB) |" if file_sizes else "") + (" hardware |" if hardware_column else "")
     lines += [
-        "| group | metric | n | final dev (mean ± std) | 95 % CI | best dev (mean ± std) | train time (s) | peak memory (MB) "
+        "| group | metric | n | final dev (mean ± std) | 95 % CI | best dev (mean ± std) | train time (s) | peak "
+        "memory (MB) "
         "| adapter params |" + extra_columns,
         "|---|---|---|---|---|---|---|---|---|" + "---|" * extra_columns.count("|"),
     ]
@@ -149,8 +151,8 @@ def markdown_tables(
     if tests:
         lines += [
             "",
-            "Comparisons, paired over seeds (final dev metric; Holm: adjusted over all the rows of this table; MDD: the "
-            "smallest true difference the paired t-test detects with 80 % power at α = 0.05).",
+            "Comparisons, paired over seeds (final dev metric; Holm: adjusted over all the rows of this table; MDD: "
+            "the smallest true difference the paired t-test detects with 80 % power at α = 0.05).",
             "",
             "| group | a vs b | metric | n | Δ mean (a − b) | t 95 % CI | bootstrap 95 % CI | t p | Holm t p | "
             "Wilcoxon p | Holm Wilcoxon p | MDD | verdict | McNemar p per seed (a only / b only correct) |",
@@ -225,8 +227,8 @@ def aggregate_study(config: StudyConfig, figures: bool = True) -> dict:
     expected = len(config.runs())
     if not runs:
         raise StudyConfigError(
-            f"No finished run of {config.path} in {config.output_dir}: run `python -m fw_trainer.study.sweep {config.path}` "
-            "first."
+            f"No finished run of {config.path} in {config.output_dir}: run `python -m fw_trainer.study.sweep "
+            f"{config.path}` first."
         )
     results_dir = config.results_dir
     groups = aggregate_groups(runs)

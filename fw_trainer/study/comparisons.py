@@ -10,8 +10,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..glue.data import GLUE_LABEL_NAMES
 from ..glue.run_outputs import EVAL_PREDICTIONS_FILE
+from ..glue.tsv_layout import GLUE_LABEL_NAMES
 from .config import SEED_AXIS, StudyConfig
 from .run_metrics import comparison_context
 from .statistics import (

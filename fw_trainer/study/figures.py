@@ -1,6 +1,7 @@
 """
 Figures of runs and studies (matplotlib's object API, no pyplot state, no display needed): confusion matrices, training
-curves, bar charts with error bars and the seeds' values, dose-response curves and per-run correlations (the layer × role heatmaps are `fw_trainer.heatmap`).
+curves, bar charts with error bars and the seeds' values, dose-response curves and per-run correlations (the layer ×
+role heatmaps are `fw_trainer.heatmap`).
 """
 
 import os

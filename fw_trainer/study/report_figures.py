@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..glue.data import GLUE_LABEL_NAMES
+from ..glue.tsv_layout import GLUE_LABEL_NAMES
 from ..heatmap import heatmap_figure
 from .capacity import BASELINE_METHOD
 from .comparisons import load_eval_predictions

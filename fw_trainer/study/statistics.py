@@ -2,7 +2,8 @@
 The statistics of a study, from scipy: mean ± std with a t confidence interval over seeds, paired tests across seeds
 (t-test, Wilcoxon signed-rank), McNemar's exact test on two runs' dev predictions, Holm–Bonferroni adjusted
 p-values for a family of such tests, a percentile bootstrap interval of the mean paired difference, the smallest
-difference the paired t-test detects with a given power (from the noncentral t, integrated), and Spearman's rank correlation.
+difference the paired t-test detects with a given power (from the noncentral t, integrated), and Spearman's rank
+correlation.
 """
 
 import math
@@ -156,9 +157,10 @@ def minimum_detectable_difference(
 
     With `n` differences of sample standard deviation `s` (ddof 1), the t statistic is noncentral t with `n - 1`
     degrees of freedom and noncentrality `δ √n / s`; the returned `δ` is where that test's power equals `power`
-    (solved with `scipy.optimize.brentq`, the power integrated numerically). It is larger than the normal approximation `(z_{1-α/2} + z_{power}) s / √n`:
-    by about a third with five seeds (δ ≈ 1.68 s at α = 0.05 and power 0.8), by under 1% with 200. A non-significant
-    difference smaller than `δ` is "not detectable with this design", not "no difference".
+    (solved with `scipy.optimize.brentq`, the power integrated numerically). It is larger than the normal approximation
+    `(z_{1-α/2} + z_{power}) s / √n`: by about a third with five seeds (δ ≈ 1.68 s at α = 0.05 and power 0.8), by under
+    1% with 200. A non-significant difference smaller than `δ` is "not detectable with this design", not "no
+    difference".
 
     Args:
         differences: The paired differences, one per seed; only their number and standard deviation are used.

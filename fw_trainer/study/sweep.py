@@ -29,7 +29,7 @@ from typing import Optional
 
 from ..glue.arguments import to_argv
 from ..glue.run import DIVERGED_EXIT_STATUS
-from ..run_directory import is_finished_run, last_complete_checkpoint
+from ..glue.run_directory import is_finished_run, last_complete_checkpoint
 from ..state_files import write_json_atomic
 from .code_revision import code_revision
 from .config import StudyConfig, StudyConfigError, StudyRun
@@ -112,8 +112,8 @@ class Sweep:
         runs = self.config.runs()
         todo = [run for run in runs if not is_finished(self.config, run)]
         print(
-            f"Study {self.config.path}: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run. "
-            f"Logs: {os.path.join(self.config.output_dir, 'logs')}",
+            f"Study {self.config.path}: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to "
+            f"run. Logs: {os.path.join(self.config.output_dir, 'logs')}",
             *self.describe(),
             sep="\n",
             flush=True,

@@ -13,8 +13,8 @@ import shutil
 import socket
 from typing import Any, Optional
 
-from .checkpoints import last_complete_checkpoint
-from .errors import UsageError
+from ..checkpoints import last_complete_checkpoint
+from ..errors import UsageError
 
 
 logger = logging.getLogger(__name__)
@@ -121,8 +121,8 @@ def checkpoint_to_resume(
 def clear_previous_run(output_dir: str) -> list[str]:
     """
     Removes what a previous run wrote into `output_dir` ([`RUN_OUTPUTS`]: checkpoints, state files, results,
-    predictions, TensorBoard events, the model and tokenizer), so that nothing of it is taken for the new run's. Anything
-    else is kept, and named in a warning.
+    predictions, TensorBoard events, the model and tokenizer), so that nothing of it is taken for the new run's.
+    Anything else is kept, and named in a warning.
 
     Returns:
         `list[str]`: The names kept.
@@ -246,8 +246,8 @@ class OutputDirectoryLock:
         if holder["host"] == socket.gethostname() and _is_alive(holder["pid"], holder.get("process_start")):
             raise UsageError(
                 f"The output directory {self.output_dir} is in use by another run (process {holder['pid']} on this "
-                f"host, started {holder.get('started', 'at an unknown time')}). Nothing was written. Wait for that run "
-                "to end, or choose another --output_dir."
+                f"host, started {holder.get('started', 'at an unknown time')}). Nothing was written. Wait for that "
+                "run to end, or choose another --output_dir."
             )
         if holder["host"] not in (None, socket.gethostname()):
             raise UsageError(
@@ -256,8 +256,8 @@ class OutputDirectoryLock:
                 f"Nothing was written. If that run has ended, remove {self.path}; else choose another --output_dir."
             )
         logger.warning(
-            "Taking over %s, left by a run that is gone (process %s, started %s): it was killed before it could remove "
-            "it.",
+            "Taking over %s, left by a run that is gone (process %s, started %s): it was killed before it could "
+            "remove it.",
             self.path,
             holder["pid"],
             holder.get("started", "at an unknown time"),

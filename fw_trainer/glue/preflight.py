@@ -11,8 +11,8 @@ from typing import Any
 
 from transformers import Trainer, TrainingArguments
 
-from .arguments import FWLoraArguments
-from .errors import UsageError
+from ..arguments import FWLoraArguments
+from ..errors import UsageError
 
 
 # (argument, what it should be, test).
@@ -70,8 +70,8 @@ def check_training_arguments(training_args: TrainingArguments) -> None:
     _check_report_to(training_args.report_to)
     if training_args.fp16 and training_args.device.type == "cpu":
         raise UsageError(
-            "--fp16 needs a GPU: on the CPU accelerate would silently train in fp32. Use --bf16 for mixed precision on "
-            "the CPU, or drop --fp16."
+            "--fp16 needs a GPU: on the CPU accelerate would silently train in fp32. Use --bf16 for mixed precision "
+            "on the CPU, or drop --fp16."
         )
 
 

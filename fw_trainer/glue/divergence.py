@@ -7,7 +7,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .errors import TrainingDivergedError
+
+class TrainingDivergedError(RuntimeError):
+    """A run ended with a training loss or a dev metric that is not finite (NaN or infinite): its results mean nothing,
+    though its files are kept for inspection. The message says what diverged, from which step, and what to try."""
 
 
 def non_finite(metrics: dict[str, Any]) -> dict[str, float]:
@@ -40,7 +43,8 @@ def training_divergence(
 ) -> Optional[TrainingDivergedError]:
     """
     The error to raise if training did not end with a finite loss (the run's mean training loss, or the last logged
-    `loss` or `task_loss`), else `None`; returned rather than raised, so that the caller can keep the run's files first.
+    `loss` or `task_loss`), else `None`; returned rather than raised, so that the caller can keep the run's files
+    first.
 
     Args:
         train_metrics (`dict`): `TrainOutput.metrics` (`train_loss` among them).
@@ -66,8 +70,8 @@ def training_divergence(
         step = first_non_finite_step(log_history)
         since = f"not finite from step {step} on" if step is not None else "not finite"
         return TrainingDivergedError(
-            f"The training diverged: {_listed(bad)}; the logged training loss is {since}. The run's files are kept for "
-            f"inspection, but its results mean nothing. {advice}"
+            f"The training diverged: {_listed(bad)}; the logged training loss is {since}. The run's files are kept "
+            f"for inspection, but its results mean nothing. {advice}"
         )
     return None
 
@@ -78,7 +82,8 @@ def metrics_divergence(metrics: dict[str, Any], what: str, advice: str) -> Optio
     if bad:
         return TrainingDivergedError(
             f"The {what} are not finite: {_listed(bad)}. The model diverged (or, for a correlation, predicts the same "
-            f"value for every example). The run's files are kept for inspection, but its results mean nothing. {advice}"
+            "value for every example). The run's files are kept for inspection, but its results mean nothing. "
+            f"{advice}"
         )
     return None
 

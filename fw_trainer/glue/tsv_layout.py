@@ -1,6 +1,6 @@
 """
-GLUE from a local folder in the original TSV layout, as the same `DatasetDict` that `load_dataset("nyu-mll/glue", task)`
-returns: for machines without access to the Hugging Face Hub.
+GLUE from a local folder in the original TSV layout, as the same `DatasetDict` that `load_dataset("nyu-mll/glue",
+task)` returns: for machines without access to the Hugging Face Hub.
 """
 
 import csv
@@ -300,6 +300,7 @@ def _parse_label(raw: str, names: Optional[list[str]], task_name: str, path: Pat
     if raw.isascii() and raw.isdigit() and int(raw) < len(names):
         return int(raw)
     raise ValueError(
-        f"Line {line} of the GLUE {task_name} file {str(path)!r} has the unknown label {raw!r}. {task_name} labels are "
-        f"{', '.join(map(repr, names))} or their ids 0 to {len(names) - 1}; check that the file belongs to this task."
+        f"Line {line} of the GLUE {task_name} file {str(path)!r} has the unknown label {raw!r}. {task_name} labels "
+        f"are {', '.join(map(repr, names))} or their ids 0 to {len(names) - 1}; check that the file belongs to this "
+        "task."
     )

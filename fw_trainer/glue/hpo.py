@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from torch import nn
 
-from .arguments import FWLoraArguments
-from .errors import UsageError
+from ..arguments import FISHER_WEIGHTED_METHODS, FWLoraArguments
+from ..errors import UsageError
 
 
 if TYPE_CHECKING:
     import optuna
 
-    from .trainer import FWLoraTrainer
+    from ..trainer import FWLoraTrainer
 
 
 HPO_RESULTS_FILE = "hpo_results.json"
@@ -41,7 +41,7 @@ def method_space(trial: "optuna.Trial", method: str) -> dict[str, Any]:
     if method != "full":
         # A rank given by the search replaces a budget.
         params.update(lora_r=trial.suggest_categorical("lora_r", [4, 8, 16]), lora_budget=None)
-    if method in ("fw_lora", "iw_lora"):
+    if method in FISHER_WEIGHTED_METHODS:
         params["fw_lambda"] = trial.suggest_float("fw_lambda", 5e-5, 5e-4, log=True)
         params["fw_warmup_steps"] = trial.suggest_int("fw_warmup_steps", 300, 800)
     return params

@@ -1,4 +1,5 @@
-"""Where the GLUE script's raw data comes from: a local GLUE folder, the Hugging Face Hub, or your own csv/json files."""
+"""Where the GLUE script's raw data comes from: a local GLUE folder, the Hugging Face Hub, or your own csv/json
+files."""
 
 import itertools
 import os
@@ -8,7 +9,7 @@ from datasets import DatasetDict, load_dataset
 
 from ..errors import UsageError
 from .arguments import DataTrainingArguments, ModelArguments
-from .data import TASK_TO_KEYS, load_glue_dir
+from .tsv_layout import TASK_TO_KEYS, load_glue_dir
 
 
 def load_raw_datasets(model_args: ModelArguments, data_args: DataTrainingArguments, do_predict: bool) -> DatasetDict:
