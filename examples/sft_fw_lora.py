@@ -34,7 +34,8 @@ from fw_trainer.state_files import write_json_atomic
 
 
 def write_instruction_set(path: str, size: int = 256, seed: int = 0) -> None:
-    """A small prompt/completion set, one JSON object per line: `{"prompt": "what is 3 plus 4 ?", "completion": "7"}`."""
+    """A small prompt/completion set, one JSON object per line:
+    `{"prompt": "what is 3 plus 4 ?", "completion": "7"}`."""
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as file:
         for _ in range(size):
@@ -78,6 +79,27 @@ def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalL
     return LlamaForCausalLM(config)
 
 
+def sft_config(args: argparse.Namespace) -> SFTConfig:
+    """trl's configuration of the run, from the command line: a constant learning rate, no checkpoints, no reporting
+    integration, the loss on the completions only."""
+    return SFTConfig(
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        bf16=args.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        seed=args.seed,
+        completion_only_loss=True,
+        max_length=64,
+    )
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--output_dir", required=True)
@@ -117,43 +139,30 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     else:
         tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
         model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype="auto")
-    # The method: LoRA on every attention and FFN projection (the family's default targets), the LM head frozen.
+    if args.held_out_file is not None:
+        held_out_texts = read_held_out_texts(args.held_out_file)
+    else:
+        held_out_texts = [row["prompt"] + row["completion"] for row in held_out]
+    # The pretrained model's loss, before any adapter: forgetting is measured against it.
+    before = language_modelling_loss(model, tokenizer, held_out_texts)
+
+    # [docs-start]
+    # LoRA on every attention and FFN projection (the family's default targets); the LM head stays frozen.
     fw_args = FWLoraArguments(
         method="fw_lora", lora_r=args.lora_r, fw_warmup_steps=args.fw_warmup_steps, fw_lambda=args.fw_lambda
     )
     model, summary = build_peft_model(model, fw_args)
     print(summary.format())
-
-    config = SFTConfig(
-        output_dir=args.output_dir,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="constant",
-        logging_steps=10,
-        save_strategy="no",
-        report_to="none",
-        bf16=args.bf16,
-        use_cpu=not torch.cuda.is_available(),
-        seed=args.seed,
-        completion_only_loss=True,
-        max_length=64,
-    )
-    if args.held_out_file is not None:
-        held_out_texts = read_held_out_texts(args.held_out_file)
-    else:
-        held_out_texts = [row["prompt"] + row["completion"] for row in held_out]
-    before = language_modelling_loss(model, tokenizer, held_out_texts)
     trainer = FWLoraSFTTrainer(
         model=model,
-        args=config,
-        train_dataset=Dataset.from_list(train_rows),
+        args=sft_config(args),  # an SFTConfig; completion_only_loss: the loss is on the completions only
+        train_dataset=Dataset.from_list(train_rows),  # {"prompt": ..., "completion": ...} rows
         processing_class=tokenizer,
         fw_args=fw_args,
     )
-    trainer.train()
-    trainer.save_model()
+    trainer.train()  # K steps of plain LoRA that measure F, then LoRA with the penalty λ Σ (1 − I) ‖ΔW‖²
+    trainer.save_model()  # the adapter; fw_importance.json was written at the freeze
+    # [docs-end]
     record = forgetting_record(before, language_modelling_loss(trainer.model, tokenizer, held_out_texts))
     if trainer.is_world_process_zero():
         write_run_environment(args.output_dir, trainer.args.device, trainer.args.world_size)

@@ -1,28 +1,27 @@
-"""The README's training loop without `Trainer` (`examples/custom_loop.py`) against `FWLoraTrainer` on the same
-batches: the same importances and the same trained weights."""
+"""The training loop without `Trainer` (`examples/custom_loop.py`, shown in docs/custom_loop.md) against
+`FWLoraTrainer` on the same batches: the same importances and the same trained weights."""
 
 import re
 from pathlib import Path
 
 import torch
-from conftest import TokenDataset, load_script, lora_model, training_args
-from test_fisher_callback import SequentialFWLoraTrainer
+from conftest import SequentialFWLoraTrainer, TokenDataset, load_script, lora_model, training_args
 from torch.utils.data import DataLoader
 
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "custom_loop.py"
-README_SECTION = "### In your own training loop (no Trainer)"
+# The page that shows the example, verbatim, as its one Python block.
+PAGE = ROOT / "docs" / "custom_loop.md"
 
 
 def load_example():
     return load_script(EXAMPLE)
 
 
-def test_readme_shows_the_example_verbatim():
-    section = (ROOT / "README.md").read_text().split(README_SECTION, 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
-    assert code == EXAMPLE.read_text()
+def test_the_docs_show_the_example_verbatim():
+    blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(), re.DOTALL)
+    assert blocks == [EXAMPLE.read_text()]
 
 
 def test_custom_loop_trains_like_fw_lora_trainer(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script
+from conftest import load_script, lora_weights
 from peft import PeftModel
 
 
@@ -21,10 +21,6 @@ from fw_trainer.sft import FWLoraSFTTrainer  # noqa: E402
 
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sft_fw_lora.py"
-
-
-def lora_weights(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
 
 
 def test_lambda_zero_trains_exactly_as_sft_trainer_under_accumulation(tmp_path):
