@@ -35,14 +35,14 @@ def train_fw_lora(model, dataloader, num_epochs=3, learning_rate=2e-4, warmup_st
 
     # 2. The freeze: I = F / Σ F (F bias-corrected), and the penalty Σ_m (1 − I_m) ‖s_m B_m A_m‖² without forming B A.
     importances = normalize_importances(estimator.fisher)
-    penalty = FisherWeightedPenalty(estimator.matrices, 1 - importances)
+    penalty = FisherWeightedPenalty(estimator.matrices, 1 - importances, fw_lambda=fw_lambda)
 
-    # 3. FW-LoRA: the remaining steps with the penalty. `penalty.backward(λ)` adds λ ∇R to the LoRA gradients from the
+    # 3. FW-LoRA: the remaining steps with the penalty. `penalty.backward()` adds λ ∇R to the LoRA gradients from the
     # analytic gradient, a few kernels per distinct shape (`loss + fw_lambda * penalty()` would give the same gradient
     # through autograd, with one more kernel per LoRA tensor). Call it after the backward pass, before any clipping.
     for batch in batches:
         accelerator.backward(model(**batch).loss)
-        penalty.backward(fw_lambda)
+        penalty.backward()
         optimizer.step()
         optimizer.zero_grad()
     return {matrix.name: importance for matrix, importance in zip(estimator.matrices, importances.tolist())}

@@ -150,7 +150,7 @@ class FWLoraArguments:
         fw_normalization (`str`, *optional*, defaults to `"sum"`):
             `"sum"`: `I = F / ΣF` (the paper's); `"max"`: `I = F / max F`, which spreads the weights over [0, 1].
         fw_penalty (`str`, *optional*, defaults to `"delta"`):
-            `"delta"`: the exact `‖scaling · B A‖_F²`; `"factors"`: `‖A‖_F² + ‖B‖_F²` as in the seed code.
+            `"delta"`: the exact `‖scaling · B A‖_F²`; `"factors"`: the surrogate `‖A‖_F² + ‖B‖_F²` (an ablation).
     """
 
     method: str = field(default="fw_lora", metadata={"help": "Fine-tuning method.", "choices": METHODS})
@@ -257,7 +257,7 @@ class FWLoraArguments:
     fw_penalty: str = field(
         default="delta",
         metadata={
-            "help": "Penalty: delta (exact ||scaling * B A||_F^2) or factors (||A||^2 + ||B||^2, seed code).",
+            "help": "Penalty: delta (exact ||scaling * B A||_F^2) or factors (||A||^2 + ||B||^2, a surrogate).",
             "choices": PENALTIES,
         },
     )

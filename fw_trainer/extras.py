@@ -25,6 +25,6 @@ def require_extra(feature: str, extra: str, modules: Sequence[str]) -> None:
     if missing:
         raise ImportError(
             f'{feature} needs {", ".join(missing)}, not installed here: `pip install "fw-lora[{extra}]"` installs '
-            "it. The method itself (`import fw_trainer`: the trainers, the estimator, the penalty) needs torch, "
-            "transformers, peft and accelerate only."
+            f"{'it' if len(missing) == 1 else 'them'}. The method itself (`import fw_trainer`: the trainers, the "
+            "estimator, the penalty) needs torch, transformers, peft and accelerate only."
         )

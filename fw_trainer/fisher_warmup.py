@@ -17,7 +17,7 @@ from .compilation import compile_backend
 from .errors import CheckpointError, WarmupDivergedError
 from .fisher_estimator import FisherEstimator
 from .importance import normalize_importances, penalty_weights, shuffled
-from .importance_file import IMPORTANCE_SCHEMA, format_importance_table, state_problem
+from .importance_file import IMPORTANCE_SCHEMA, RECORDED_OPTIONS, format_importance_table, state_problem
 from .penalty import FisherWeightedPenalty
 from .state_files import (
     IMPORTANCE_FILE,
@@ -27,19 +27,6 @@ from .state_files import (
 
 
 logger = logging.getLogger(__name__)
-
-# The `FWLoraArguments` that define the measured statistics and the weights, recorded in `fw_importance.json` under
-# their names without the `fw_` prefix (a reader sees what the numbers are). A resume compares them once, with every
-# other `fw_*` option, in the run's identity ([`run_identity`]).
-RECORDED_OPTIONS = (
-    "fw_warmup_steps",
-    "fw_ema_decay",
-    "fw_normalization",
-    "fw_statistic",
-    "fw_average",
-    "fw_power",
-    "fw_shuffle_seed",
-)
 
 
 class FisherWarmupCallback(TrainerCallback):
@@ -362,8 +349,14 @@ class FisherWarmupCallback(TrainerCallback):
         return {name.removeprefix("fw_"): getattr(self.fw_args, name) for name in RECORDED_OPTIONS}
 
     def _apply_state(self, state: dict) -> None:
-        """Restores a state [`check_resume`] read and checked against the model being trained (the same model: the
-        trainer checks the resume after building it)."""
+        """Restores a state [`check_resume`] read and checked against a model. A Trainer with `model_init` builds the
+        model again in `train()`, after that check: its matrices must still be the ones the state lists."""
+        if list(state["modules"]) != [matrix.name for matrix in self.matrices]:
+            raise CheckpointError(
+                "The model being trained is not the one the resume was checked against: its adapted matrices are not "
+                f"the ones {IMPORTANCE_FILE} lists. Resume with the LoRA targets and rank the checkpoint was trained "
+                "with."
+            )
         rows = list(state["modules"].values())
         self.estimator.load_state_dict(
             {"running": [row["running_state"] for row in rows], "num_updates": float(state["num_updates"])}

@@ -16,7 +16,7 @@ import transformers
 from torch import nn
 from transformers import TrainingArguments
 
-from .arguments import FWLoraArguments
+from .arguments import FISHER_WEIGHTED_METHODS, FWLoraArguments
 from .errors import ABSENT, CheckpointError, RunMismatchError
 from .state_files import OBJECT_SCHEMA, RUN_IDENTITY_FILE, read_state_file, write_json_atomic
 from .version import __version__
@@ -66,7 +66,7 @@ RUN_FIELD_ARGUMENTS = {
 # targets are read from the adapter that was built instead: a rank given as a budget is compared as the rank it
 # became). `fw_run_identity.json`: the two parts of [`run_identity`].
 IDENTITY_SCHEMA = {"run": OBJECT_SCHEMA, "environment": OBJECT_SCHEMA}
-_METHOD_FIELD_PREFIXES = {"adalora": "adalora_", "fw_lora": "fw_", "iw_lora": "fw_"}
+_METHOD_FIELD_PREFIXES = {"adalora": "adalora_", **dict.fromkeys(FISHER_WEIGHTED_METHODS, "fw_")}
 
 
 def run_identity(

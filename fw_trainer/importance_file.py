@@ -16,16 +16,22 @@ _MODULE_SCHEMA = {
     "r": int,
     "running_state": NON_NEGATIVE,
 }
+# The `FWLoraArguments` that define the measured statistics and the weights, recorded under their names without the
+# `fw_` prefix so that a reader of the file sees what its numbers are. A resume compares them once, with every other
+# `fw_*` option, in the run's identity (`fw_run_identity.json`), not here.
+RECORDED_OPTIONS = {
+    "fw_warmup_steps": STEP_COUNT,
+    "fw_ema_decay": NON_NEGATIVE,
+    "fw_normalization": str,
+    "fw_statistic": str,
+    "fw_average": str,
+    "fw_power": NON_NEGATIVE,
+    "fw_shuffle_seed": nullable(int),
+}
 IMPORTANCE_SCHEMA = {
     "frozen": bool,
     "frozen_at_step": nullable(STEP_COUNT),
-    "warmup_steps": STEP_COUNT,
-    "ema_decay": NON_NEGATIVE,
-    "normalization": str,
-    "statistic": str,
-    "average": str,
-    "power": NON_NEGATIVE,
-    "shuffle_seed": nullable(int),
+    **{name.removeprefix("fw_"): schema for name, schema in RECORDED_OPTIONS.items()},
     "estimator": str,
     "num_updates": STEP_COUNT,
     "modules": MappingOf(_MODULE_SCHEMA, "their statistics"),

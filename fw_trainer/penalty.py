@@ -20,7 +20,7 @@ class FisherWeightedPenalty:
     r"""
     Computes `R = Σ_m w_m · P_m` over the adapted matrices, with `w_m = 1 − I_m` and either
     `P_m = ‖s_m B_m A_m‖_F²` (`penalty="delta"`, exact) or `P_m = ‖A_m‖_F² + ‖B_m‖_F²` (`penalty="factors"`, the
-    seed code's surrogate).
+    cheaper surrogate, an ablation).
 
     `B A` (`d_out × d_in`) is never formed: `‖B A‖_F² = tr((BᵀB)(A Aᵀ)) = Σ (BᵀB) ⊙ (A Aᵀ)` needs two `r × r` Gram
     matrices. Matrices with the same shapes are stacked and handled by one batched kernel each, so one call costs
@@ -31,21 +31,21 @@ class FisherWeightedPenalty:
     - `penalty()`: `R` as a differentiable scalar, to add to a loss (any training loop; autograd then adds one
       gradient accumulation per LoRA tensor, 144 small kernels on roberta-base). Under FSDP2 (`fully_shard`) this is
       the way: the sharded factors are gathered for it, and its gradient reaches the shards through autograd;
-    - `penalty.backward(scale)`: adds `scale · ∇R` straight into the LoRA tensors' `.grad`, from the analytic gradient
-      (`∂P/∂A = 2 s² BᵀB A`, `∂P/∂B = 2 s² B A Aᵀ`), with one `torch._foreach_add_` per group: about a dozen kernels
-      per distinct shape, forward and backward together, whatever the number of matrices. It returns `R`. Since `R`
-      does not depend on the data, its gradient is added once per optimizer step, after the last micro-batch's
-      backward pass (and, with DDP, after the all-reduce: every process adds the same gradient). `FWLoraTrainer`
-      uses this path.
+    - `penalty.backward()`: adds `λ ∇R` (or `scale · ∇R`) straight into the LoRA tensors' `.grad`, from the analytic
+      gradient (`∂P/∂A = 2 s² BᵀB A`, `∂P/∂B = 2 s² B A Aᵀ`), with one `torch._foreach_add_` per group: about a
+      dozen kernels per distinct shape, forward and backward together, whatever the number of matrices. It returns
+      `R`. Since `R` does not depend on the data, its gradient is added once per optimizer step, after the last
+      micro-batch's backward pass (and, with DDP, after the all-reduce: every process adds the same gradient).
+      `FWLoraTrainer` uses this path.
 
     Args:
         matrices (`Sequence[AdaptedMatrix]`): The adapted matrices.
         weights (`torch.Tensor`): Per-matrix weights `w_m`, shape `(M,)`, in the order of `matrices`.
         penalty (`str`, *optional*, defaults to `"delta"`): `"delta"` or `"factors"`.
         fw_lambda (`float`, *optional*, defaults to `1e-4`):
-            `λ`, the penalty's strength in the loss `L_task + λ R`. The penalty holds it as [`strength`], a 0-dim fp32
-            tensor on the adapters' device, for `backward(penalty.strength)` (what `FWLoraTrainer` does); `penalty()`
-            and `backward(scale)` themselves compute `R` and `scale · ∇R`, whatever `λ`.
+            `λ`, the penalty's strength in the loss `L_task + λ R`: [`backward`] adds `λ ∇R` unless told another
+            factor. Held as `fw_lambda` and as `strength`, the same value as a 0-dim fp32 tensor on the adapters'
+            device (multiplying by it reads nothing back to the host).
     """
 
     def __init__(
@@ -79,7 +79,7 @@ class FisherWeightedPenalty:
         # FSDP2 (`fully_shard`) holds each parameter as a sharded DTensor: `R` is then computed from the gathered
         # factors (autograd reduce-scatters its gradient into the shards), and the analytic `.grad` path is refused.
         self._sharded = any(hasattr(matrix.lora_A, "full_tensor") for matrix in matrices)
-        # Made once, on the device: multiplying by it reads nothing back to the host.
+        self.fw_lambda = fw_lambda
         self.strength = torch.tensor(fw_lambda, dtype=torch.float32, device=matrices[0].lora_A.device)
 
     @property
@@ -111,30 +111,32 @@ class FisherWeightedPenalty:
             return a, b, gram_a, gram_b, (gram_a * gram_b).sum(dim=(1, 2))
         return a, b, None, None, a.square().sum(dim=(1, 2)) + b.square().sum(dim=(1, 2))
 
-    def compiled_backward(self, backend: str = "inductor", mode: Optional[str] = None) -> Callable[..., torch.Tensor]:
+    def compiled_backward(self, backend: str, mode: Optional[str] = None) -> Callable[..., torch.Tensor]:
         """
-        [`backward`] compiled with `torch.compile`, for a compiled training step. Its batched products are written as
-        a broadcast product and a sum, which the compiler fuses with the rest (one generated kernel on the CPU for
-        roberta's three shapes and 72 matrices, where `bmm` would stay four library calls per shape); eagerly that
-        form would materialise `(G, r, r, d)` tensors, so [`backward`] keeps `bmm`. The same values, up to rounding.
+        [`backward`] compiled with `torch.compile` (`backend` and `mode` as the model's, see [`compile_backend`]), for
+        a compiled training step; call it with the factor of the gradient (`penalty.strength`, times a loss scale).
+        Its batched products are written as a broadcast product and a sum, which the compiler fuses with the rest
+        (one generated kernel on the CPU for roberta's three shapes and 72 matrices, where `bmm` would stay four
+        library calls per shape); eagerly that form would materialise `(G, r, r, d)` tensors, so [`backward`] keeps
+        `bmm`. The same values, up to rounding.
         """
         return torch.compile(partial(self._backward, _broadcast_bmm), backend=backend, mode=mode)
 
-    def backward(self, scale: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
+    def backward(self, scale: Optional[Union[float, torch.Tensor]] = None) -> torch.Tensor:
         r"""
-        Adds `scale · ∇R` into the `.grad` of every LoRA tensor (as `(scale · R).backward()` would, without autograd)
-        and returns `R`, detached, in fp32.
+        Adds `scale · ∇R` (by default `λ ∇R`) into the `.grad` of every LoRA tensor (as `(scale · R).backward()`
+        would, without autograd) and returns `R`, detached, in fp32.
 
         Per distinct shape: two stacks, two `r × r` Gram matrices, `R`'s share, the two gradients as batched products
         with the Gram matrices, and one `torch._foreach_add_` per factor. Everything stays on the parameters' device in
         fp32 (outside autocast); nothing is read back to the host.
 
         Args:
-            scale (`float` or `torch.Tensor`, *optional*, defaults to `1.0`):
-                The factor of the gradient: `λ`, times whatever scales the rest of the gradient (an fp16 loss scale, a
-                0-dim tensor, is welcome: no host read).
+            scale (`float` or `torch.Tensor`, *optional*, defaults to `λ`):
+                The factor of the gradient: `λ` (`strength`), times whatever scales the rest of the gradient (an fp16
+                loss scale, a 0-dim tensor, is welcome: no host read).
         """
-        return self._backward(torch.bmm, scale)
+        return self._backward(torch.bmm, self.strength if scale is None else scale)
 
     @torch.no_grad()
     def _backward(self, bmm: BatchedProduct, scale: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""`FWLoraSFTTrainer`: FW-LoRA's hooks ([`FWLoraTrainerMixin`]) applied to trl's `SFTTrainer` (`pip install
-"fw-lora[trl]"`)."""
+"""`FWLoraSFTTrainer`: FW-LoRA's hooks ([`FWLoraTrainerMixin`]) applied to trl's `SFTTrainer`
+(`pip install "fw-lora[trl]"`)."""
 
 from .extras import require_extra
 from .trainer_mixin import FWLoraTrainerMixin

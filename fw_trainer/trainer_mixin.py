@@ -236,7 +236,7 @@ class FWLoraTrainerMixin:
             )
         loss = super().training_step(model, inputs, num_items_in_batch)
         penalty = warmup.penalty if warmup is not None else None
-        if penalty is not None and self.fw_args.fw_lambda > 0 and self.accelerator.sync_gradients:
+        if penalty is not None and penalty.fw_lambda > 0 and self.accelerator.sync_gradients:
             loss = loss + self._add_penalty_gradient(penalty).to(loss.dtype)
         return loss
 
@@ -263,15 +263,14 @@ class FWLoraTrainerMixin:
         division and the DDP mean of a term equal on every micro-batch and process leave it unchanged. Gradient
         clipping, which comes next, sees it.
         """
-        strength = penalty.strength  # λ, a 0-dim tensor on the adapters' device
-        scale = strength
+        scale = penalty.strength  # λ, a 0-dim tensor on the adapters' device
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             # fp16: the task gradients carry the loss scale until the clipping unscales them; so must this one
             # (`GradScaler.scale` multiplies on the device: no host read).
             scale = scaler.scale(scale)
         value = self._penalty_backward(penalty)(scale)
-        weighted = strength * value
+        weighted = penalty.strength * value
         self._fw_metrics["fw_penalty"].append(value)
         self._fw_metrics["fw_weighted_penalty"].append(weighted)
         return weighted
@@ -348,7 +347,10 @@ class FWLoraTrainerMixin:
         super().log(logs, start_time)
 
     def _log_frozen_importances(self) -> None:
-        """At the freeze, whichever step it is: the importances in a report of their own."""
+        """At the freeze, whichever step it is: the importances in a report of their own. Not through the Trainer's
+        control flags: `control.should_log` at the freeze would add a training log at step K (and restart the loss
+        average there), and the next training log would report them away from the freeze; either changes the log
+        history of every run. So the freeze calls this (`on_freeze`), and the one flag a log clears is put back."""
         importances = self.fisher_callback.importances_to_log()
         if importances is None:
             return

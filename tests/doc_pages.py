@@ -43,14 +43,12 @@ REGION = re.compile(r"^[ \t]*# \[docs-start\]\n(.*?)^[ \t]*# \[docs-end\]$", re.
 EXAMPLE_TESTS = {
     "examples/trainer_fw_lora.py": "tests/test_core_install.py::"
     "test_the_trainer_example_trains_fw_lora_with_the_core_install_only",
-    "examples/sft_fw_lora.py": "tests/test_sft.py::test_the_example_runs_and_leaves_importances_and_a_reloadable_adapter",
+    "examples/sft_fw_lora.py": "tests/test_sft.py::"
+    "test_the_example_runs_and_leaves_importances_and_a_reloadable_adapter",
     "examples/custom_loop.py": "tests/test_custom_loop.py::test_custom_loop_trains_like_fw_lora_trainer",
 }
 # The options of programs the pages mention that are not this project's (their full parsers are not at hand).
 EXTERNAL_OPTIONS = {"pip install": {"--no-deps"}, "tensorboard": {"--logdir"}}
-# Options of `benchmarks/overhead.py`, since split into one script per mode: benchmarks/README.md quotes the commands
-# its older figures were measured with.
-HISTORICAL_OPTIONS = {"--penalty_ops", "--memory_only"}
 STUDY_MODULES = ("fw_trainer.study.sweep", "fw_trainer.study.aggregate")
 
 
@@ -178,7 +176,8 @@ def check_glue_command(argv: list[str]) -> None:
 
 
 def check_python_command(words: list[str], monkeypatch) -> None:
-    """`python run_glue_fw.py ...`, `python -m fw_trainer....`, `python examples/x.py ...`, `python benchmarks/x.py`."""
+    """`python run_glue_fw.py ...`, `python -m fw_trainer....`, `python examples/x.py ...`,
+    `python benchmarks/x.py`."""
     program, argv = (words[1], words[2:]) if words[0] == "-m" else (words[0], words[1:])
     if program in ("run_glue_fw.py", "fw_trainer.glue.run"):
         return check_glue_command(argv)

@@ -112,10 +112,17 @@ def test_the_trainer_example_trains_fw_lora_with_the_core_install_only(tmp_path,
     assert "dev accuracy:" in result.stdout
 
 
-def test_the_glue_script_names_its_extra_when_its_dependencies_are_missing(tmp_path):
-    code = "import fw_trainer.glue"
-    result, imports = run_without_extras(tmp_path, "-c", code)
+@pytest.mark.parametrize("module, extra", [("fw_trainer.glue", "glue"), ("fw_trainer.study.sweep", "study")])
+def test_the_glue_script_and_the_study_name_their_extra_when_its_dependencies_are_missing(tmp_path, module, extra):
+    result, imports = run_without_extras(tmp_path, "-c", f"import {module}")
     assert result.returncode != 0
-    assert "ImportError" in result.stderr and 'pip install "fw-lora[glue]"' in result.stderr, result.stderr[-3000:]
+    assert "ImportError" in result.stderr and f'pip install "fw-lora[{extra}]"' in result.stderr, result.stderr[-3000:]
     # The check refuses before any of the GLUE modules tries to import a missing package.
     assert [module for module, _ in imports["attempts"] if str(module).startswith("fw_trainer")] == []
+
+
+def test_the_sft_trainer_names_its_extra_without_trl(tmp_path):
+    code = "import sys; sys.modules['trl'] = None; import fw_trainer.sft"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "FWLoraSFTTrainer needs trl" in result.stderr and 'pip install "fw-lora[trl]"' in result.stderr

@@ -202,8 +202,7 @@ def _run_untrapped(output_dir, fw_kwargs):
 
 class _HostSyncSpy(TorchDispatchMode):
     """Records every device-to-host read (`.item()`, `float(t)`, `bool(t)`, ...) made from `fw_trainer`'s code, with
-    the
-    optimizer step it happened in."""
+    the optimizer step it happened in."""
 
     def __init__(self, trainer):
         super().__init__()

@@ -28,7 +28,6 @@ from doc_pages import (
     EXAMPLE_TESTS,
     EXTERNAL_OPTIONS,
     FENCE,
-    HISTORICAL_OPTIONS,
     LINK,
     MODULE_RUN,
     OPTION,
@@ -216,7 +215,7 @@ def tool_options(text: str, monkeypatch) -> set[str]:
 @pytest.mark.parametrize("page", [pytest.param(page, id=str(page.relative_to(ROOT))) for page in PAGES])
 def test_every_option_named_in_prose_is_an_option_of_the_program_named(page, monkeypatch):
     text = TEXTS[page]
-    options = tool_options(text, monkeypatch) | HISTORICAL_OPTIONS
+    options = tool_options(text, monkeypatch)
     named = set(OPTION.findall(prose(text)))
     # `--fw_*`, `--max_*_samples`: a pattern over options.
     unknown = {name for name in named if not fnmatch.filter(options, name.replace("*", "?*"))}

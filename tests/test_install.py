@@ -2,7 +2,9 @@
 `--no-deps --no-build-isolation`, the dependencies borrowed from this environment), the GLUE runner and the study
 work from there, without the checkout."""
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -78,3 +80,21 @@ def test_the_study_dry_run_works_from_the_installed_package(installed, tmp_path)
     assert len(commands) == len(StudyConfig.from_yaml(str(tmp_path / "study.yaml")).runs()) > 0
     assert all(f"{installed} -m fw_trainer.glue.run " in line for line in commands)
     assert str(ROOT) not in result.stdout  # nothing of the checkout
+
+
+def test_the_method_requires_torch_transformers_peft_and_accelerate_only(installed, tmp_path):
+    """`pip install fw-lora` pulls the method's four libraries; the GLUE script and the study come with extras."""
+    script = "import json, re; from importlib.metadata import requires; print(json.dumps(requires('fw-lora')))"
+    result = run_outside(installed, tmp_path, "-c", script)
+    assert result.returncode == 0, result.stderr
+    plain, extras = set(), {}
+    for requirement in json.loads(result.stdout):
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
+        marker = re.search(r"extra == ['\"]([\w-]+)['\"]", requirement)
+        if marker is None:
+            plain.add(name)
+        else:
+            extras.setdefault(marker.group(1), set()).add(name)
+    assert plain == {"torch", "transformers", "peft", "accelerate"}
+    assert {"datasets", "scikit-learn", "scipy", "matplotlib"} <= extras["glue"]
+    assert extras["study"] == {"fw-lora"}  # fw-lora[glue]

@@ -64,13 +64,20 @@ def test_fused_backward_adds_the_autograd_gradient(penalty, scale, device):
         torch.testing.assert_close(param.grad - grad, expected_grad, rtol=1e-3, atol=1e-4)
 
 
-def test_fused_backward_gives_a_gradient_to_a_parameter_without_one():
+def test_fused_backward_adds_lambda_times_the_gradient_to_a_parameter_without_one():
+    """Without a factor, `backward()` adds `λ ∇R`: the penalty owns λ."""
     _, matrices, weights = randomized_matrices()
     params = [p for matrix in matrices for p in (matrix.lora_A, matrix.lora_B)]
-    expected_grads = torch.autograd.grad(brute_force_penalty(matrices, weights, "delta"), params)
-    FisherWeightedPenalty(matrices, weights).backward()
+    expected_grads = torch.autograd.grad(0.5 * brute_force_penalty(matrices, weights, "delta"), params)
+    FisherWeightedPenalty(matrices, weights, fw_lambda=0.5).backward()
     for param, expected_grad in zip(params, expected_grads):
         torch.testing.assert_close(param.grad, expected_grad, rtol=1e-3, atol=1e-4)
+
+
+def test_a_negative_lambda_is_refused():
+    _, matrices, weights = randomized_matrices()
+    with pytest.raises(ValueError, match="`fw_lambda` should be greater than or equal to 0"):
+        FisherWeightedPenalty(matrices, weights, fw_lambda=-1e-4)
 
 
 def test_matrices_of_equal_shape_share_one_group():

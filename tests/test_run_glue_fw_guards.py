@@ -5,6 +5,7 @@ TensorBoard at the freeze."""
 
 import glob
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -251,3 +252,21 @@ def test_importances_reach_tensorboard_at_the_freeze(
     assert steps == {frozen_at}
     assert [image.step for image in accumulator.Images("fw_importance/heatmap")] == list(steps)
     assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+
+
+def test_without_matplotlib_the_importances_reach_tensorboard_without_the_heatmap(
+    tiny_model_dir, glue_dir, tmp_path, monkeypatch, caplog
+):
+    """The heatmap needs matplotlib, which the core install lacks: the scalars still go, with a warning saying so."""
+    import fw_trainer.trainer_mixin
+
+    monkeypatch.setattr(fw_trainer.trainer_mixin, "missing_modules", lambda modules: list(modules))
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    args = [*base_args(tiny_model_dir, glue_dir, tmp_path / "out"), "--report_to", "tensorboard"]
+    with caplog.at_level(logging.WARNING, logger="fw_trainer"):
+        assert run([*args, "--logging_steps", "50", "--save_strategy", "no"]) == 0
+    accumulator = EventAccumulator(str(tmp_path / "tb"))
+    accumulator.Reload()
+    assert len([tag for tag in accumulator.Tags()["scalars"] if tag.startswith("train/fw_importance/")]) == 12
+    assert accumulator.Tags()["images"] == []
+    assert "without their heatmap image: drawing it needs matplotlib" in caplog.text

@@ -1,6 +1,5 @@
 """`fw_trainer.state_files`: state files are replaced whole or not at all, and checked against their schema (by
-hand-written
-expectations of what each fault is called)."""
+hand-written expectations of what each fault is called)."""
 
 import json
 import os

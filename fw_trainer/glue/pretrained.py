@@ -1,8 +1,7 @@
 """The pretrained model and tokenizer of the GLUE script, loaded as run_glue.py loads them (with an offline default
-model), and the script's logging setup."""
+model)."""
 
 import json
-import logging
 import os
 from typing import Optional
 
@@ -17,9 +16,6 @@ from transformers import (
 
 from ..errors import UsageError
 from .arguments import ModelArguments
-
-
-logger = logging.getLogger(__name__)
 
 
 def resolve_model_path(model_args: ModelArguments) -> str:

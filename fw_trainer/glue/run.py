@@ -12,8 +12,6 @@ import sys
 from contextlib import nullcontext
 from typing import Optional
 
-import datasets
-import transformers
 from datasets import DatasetDict
 from transformers import (
     DataCollatorWithPadding,
@@ -32,6 +30,7 @@ from ..trainer import FWLoraTrainer
 from .arguments import DataTrainingArguments, ModelArguments, ScriptArguments, padding_multiple, parse_args, run_data
 from .divergence import TrainingDivergedError, divergence_advice, metrics_divergence, training_divergence
 from .hpo import run_hyperparameter_search
+from .logging_setup import setup_logging
 from .metrics import PRIMARY_GLUE_METRIC, metric_function, predicted_labels
 from .preflight import check_training_setup
 from .pretrained import load_model, load_pretrained, resolve_model_path
@@ -52,29 +51,6 @@ logger = logging.getLogger(__name__)
 RELABELLED = "label_id"
 # The exit status of a run that diverged (2 is bad input): a sweep does not retry it.
 DIVERGED_EXIT_STATUS = 3
-
-
-def setup_logging(training_args: TrainingArguments) -> None:
-    """Logging as in run_glue.py: info on the main process, the process's device and precision as a warning."""
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    if training_args.should_log:
-        # The default of training_args.log_level is passive, so we set log level at info here to have that default.
-        transformers.utils.logging.set_verbosity_info()
-    log_level = training_args.get_process_log_level()
-    logging.getLogger("fw_trainer").setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
-    logger.warning(
-        f"Process rank: {training_args.local_process_index}, device: {training_args.device}, n_gpu: "
-        f"{training_args.n_gpu}, distributed training: {training_args.parallel_mode.value == 'distributed'}, "
-        f"16-bits training: {training_args.fp16}, bf16: {training_args.bf16}"
-    )
 
 
 def main(argv: Optional[list[str]] = None) -> int:

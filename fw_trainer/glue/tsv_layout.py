@@ -1,6 +1,6 @@
 """
-GLUE from a local folder in the original TSV layout, as the same `DatasetDict` that `load_dataset("nyu-mll/glue",
-task)` returns: for machines without access to the Hugging Face Hub.
+GLUE from a local folder in the original TSV layout, as the same `DatasetDict` that
+`load_dataset("nyu-mll/glue", task)` returns: for machines without access to the Hugging Face Hub.
 """
 
 import csv

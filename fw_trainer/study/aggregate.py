@@ -14,8 +14,8 @@ Aggregates a finished (or partly finished) study into the artefacts of a paper, 
   study that varies λ, the capacity correlations, importance and `‖ΔW‖_F` heatmaps per method.
 
     python -m fw_trainer.study.aggregate configs/studies/cpu_minilm.yaml
-    python -m fw_trainer.study.aggregate configs/studies/fisher_controls_{a,b}.yaml --combined_dir
-    results/fisher_controls
+    python -m fw_trainer.study.aggregate configs/studies/fisher_controls_{a,b}.yaml \
+        --combined_dir results/fisher_controls
 """
 
 import argparse
