@@ -31,13 +31,28 @@ from .identity import check_run_identity
 logger = logging.getLogger(__name__)
 
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+_RNG_STATE = re.compile(r"^rng_state(_\d+)?\.pth$")
 _MODEL_WEIGHTS = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 
 
 def is_complete_checkpoint(path: str) -> bool:
-    """Whether `path` is a checkpoint whose save finished: the Trainer writes `trainer_state.json` last, so a
-    checkpoint whose `trainer_state.json` is missing or not valid JSON was interrupted while it was being saved."""
-    return _read_trainer_state(path) is not None
+    """Whether `path` is a checkpoint a run resumes from exactly: its save finished (the Trainer writes
+    `trainer_state.json` last, so one whose `trainer_state.json` is missing or not valid JSON was interrupted) and it
+    holds the training state besides the weights ([`missing_training_state`]: not a `--save_only_model` one)."""
+    return _read_trainer_state(path) is not None and not missing_training_state(path)
+
+
+def missing_training_state(path: str) -> list[str]:
+    """What of the training state a checkpoint lacks, by what resuming would lose: the optimizer's state (AdamW's
+    moments), the learning-rate scheduler's, and the random number generators' (the data order, dropout). A
+    checkpoint saved with `--save_only_model` lacks all three."""
+    names = os.listdir(path) if os.path.isdir(path) else []
+    present = {
+        "the optimizer state (optimizer.pt)": any(name.startswith("optimizer") for name in names),
+        "the learning-rate scheduler (scheduler.pt)": "scheduler.pt" in names,
+        "the random number generators (rng_state*.pth)": any(_RNG_STATE.match(name) for name in names),
+    }
+    return [what for what, found in present.items() if not found]
 
 
 def last_complete_checkpoint(output_dir: str) -> Optional[str]:
@@ -60,7 +75,9 @@ def last_complete_checkpoint(output_dir: str) -> Optional[str]:
     return None
 
 
-def check_checkpoint(checkpoint_dir: str, model: nn.Module, identity: dict[str, Any]) -> None:
+def check_checkpoint(
+    checkpoint_dir: str, model: nn.Module, identity: dict[str, Any], weights_only: bool = False
+) -> None:
     """
     Checks that a run can resume from `checkpoint_dir`, reading only small files (no weights are loaded): it exists
     and is a complete checkpoint, its run identity matches the run asked for (see [`check_run_identity`]), and it
@@ -70,6 +87,9 @@ def check_checkpoint(checkpoint_dir: str, model: nn.Module, identity: dict[str, 
         checkpoint_dir (`str`): The checkpoint to resume from.
         model (`nn.Module`): The model being trained (a peft model, or the plain model of full fine-tuning).
         identity (`dict`): The [`run_identity`] of the run asked for.
+        weights_only (`bool`, *optional*, defaults to `False`):
+            Accept a checkpoint without the training state ([`missing_training_state`]: `--save_only_model`), which
+            then resumes as a warm start, with a new optimizer, schedule and random state; refused otherwise.
 
     Raises:
         `CheckpointError`: Saying what is wrong with the checkpoint and what to do; a [`RunMismatchError`] when it is
@@ -83,7 +103,15 @@ def check_checkpoint(checkpoint_dir: str, model: nn.Module, identity: dict[str, 
         raise CheckpointError(f"The checkpoint {checkpoint_dir} does not exist.{hint} Pass an existing one {where}.")
     if not os.path.isdir(checkpoint_dir):
         raise CheckpointError(f"{checkpoint_dir} is a file, not a checkpoint: pass a checkpoint directory {where}.")
-    if not is_complete_checkpoint(checkpoint_dir):
+    if _read_trainer_state(checkpoint_dir) is not None and missing_training_state(checkpoint_dir) and not weights_only:
+        raise CheckpointError(
+            f"The checkpoint {checkpoint_dir} holds the weights but not "
+            + ", ".join(missing_training_state(checkpoint_dir))
+            + " (saved with --save_only_model): resuming it would not continue the run but restart AdamW's moments "
+            "and the learning-rate schedule from its beginning. Resume from a checkpoint saved without "
+            "--save_only_model, or pass --resume_weights_only to start again from these weights on purpose."
+        )
+    if _read_trainer_state(checkpoint_dir) is None:
         last = last_complete_checkpoint(checkpoint_dir)
         if last is not None:
             raise CheckpointError(

@@ -127,8 +127,8 @@ class FisherWarmupCallback(TrainerCallback):
         return dict(zip((matrix.name for matrix in self.matrices), self.importances.tolist()))
 
     def _setup(self, model: nn.Module, args: TrainingArguments) -> None:
-        """A new estimator for `model`, from an empty estimate (a new model is a new run); its arithmetic compiled with
-        the model under `--torch_compile`."""
+        """A new estimator for `model`, from an empty estimate (every training attempt starts clean); its arithmetic
+        compiled with the model under `--torch_compile`."""
         if self.estimator is not None:
             self.estimator.stop()
         self.fisher = self.importances = self.frozen_at_step = self._penalty = None
@@ -234,15 +234,14 @@ class FisherWarmupCallback(TrainerCallback):
     # ----- Trainer events ---------------------------------------------------------------------------------------
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        model = kwargs["model"]
-        # A Trainer with `model_init` (hyper-parameter search) brings a new model to every `train()` call.
-        if self.estimator is None or not any(module is self.matrices[0].layer for module in model.modules()):
-            self._setup(model, args)
+        # Every attempt starts from an empty estimate, or from the checkpoint it resumes: nothing of an attempt that
+        # died (an error, Ctrl-C, the out-of-memory retry of `--auto_find_batch_size`) is carried into F.
+        self._setup(kwargs["model"], args)
         if self._state_to_restore is not None:
             self._apply_state(self._state_to_restore)
-            self._state_to_restore = None
         if self.frozen or self.fw_args.fw_warmup_mode == "calibrate":
             return
+        self._warn_if_plain_lora(state)
         if state.global_step >= self.fw_args.fw_warmup_steps:
             self.freeze(args, state)
         else:
@@ -268,7 +267,26 @@ class FisherWarmupCallback(TrainerCallback):
         if state.global_step >= self.fw_args.fw_warmup_steps:
             self.freeze(args, state)
 
+    def _warn_if_plain_lora(self, state: TrainerState) -> None:
+        """At the start: a warm-up that covers the whole run, or `fw_lambda = 0`, makes FW-LoRA plain LoRA."""
+        steps, warmup = state.max_steps, self.fw_args.fw_warmup_steps
+        reason = None
+        if 0 < steps <= warmup:
+            reason = (
+                f"its warm-up of {warmup} steps covers the whole run of {steps} optimizer steps, so the penalty never "
+                "applies. Lower `fw_warmup_steps` below the run's length, or train longer"
+            )
+        elif self.fw_args.fw_lambda == 0:
+            reason = "`fw_lambda` is 0, so the penalty adds nothing. Give it a positive weight"
+        if reason is not None:
+            warnings.warn(f"This FW-LoRA run is plain LoRA: {reason}.", stacklevel=2)
+
+    def discard_resume(self) -> None:
+        """Forgets the state [`check_resume`] read: the next `train()` is a new run, not that resume."""
+        self._state_to_restore = None
+
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._state_to_restore = None  # restored by every attempt of this training, not by a later one
         if self.estimator is not None and not self.frozen:
             warnings.warn(
                 f"Training ended after {state.global_step} optimizer steps, before the FW-LoRA warm-up of "

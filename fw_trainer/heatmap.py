@@ -81,3 +81,11 @@ def heatmap_figure(panels: dict[str, dict[str, float]], value_label: str, shared
     if shared_scale:
         figure.colorbar(image, ax=list(axes), label=value_label)
     return figure
+
+
+def add_importance_heatmap(writers: list, importances: dict[str, float], frozen_at_step: int, step: int) -> None:
+    """The frozen importances as a heatmap image in each TensorBoard `SummaryWriter` (`fw_importance/heatmap`)."""
+    figure = heatmap_figure({f"importances frozen at step {frozen_at_step}": importances}, "importance I")
+    for writer in writers:
+        writer.add_figure("fw_importance/heatmap", figure, step, close=False)
+        writer.flush()

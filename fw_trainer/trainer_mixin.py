@@ -14,17 +14,18 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import unwrap_peft_model
 
 from .adalora_callback import AdaLoraAllocationCallback
-from .adapted_matrices import active_lora_adapter, find_adapted_matrices
 from .arguments import FWLoraArguments
 from .checkpoints import check_checkpoint, last_complete_checkpoint
 from .compilation import compile_backend
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError
 from .extras import missing_modules
 from .fisher_warmup import FisherWarmupCallback
 from .identity import run_identity, write_run_identity
 from .loss_normalization import loss_uses_num_items_in_batch
 from .measurement import compile_stats
 from .penalty import FisherWeightedPenalty
+from .refusals import refuse_empty_training_data, refuse_untrainable_model
+from .train_time import TrainTimeCallback
 
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ class FWLoraTrainerMixin:
         self._checked_checkpoint: Optional[str] = None  # the checkpoint `check_resume` accepted last
         self._compiled_penalty: Optional[tuple[FisherWeightedPenalty, Any]] = None  # under --torch_compile
 
+        self.train_time = TrainTimeCallback()
+        self.add_callback(self.train_time)
         self.fisher_callback: Optional[FisherWarmupCallback] = None
         self.adalora_callback: Optional[AdaLoraAllocationCallback] = None
         self._add_method_callbacks()
@@ -130,27 +133,9 @@ class FWLoraTrainerMixin:
         return below is Trainer.compute_loss and self.compute_loss_func is None
 
     def _check_model(self, model: nn.Module) -> None:
-        """
-        Refuses, before anything trains, a model or engine on which the method would not be what it says: a LoRA
-        method needs one active LoRA adapter; FW-LoRA and IW-LoRA also need one that they measure and penalise exactly
-        ([`find_adapted_matrices`]), and an engine that leaves the gradients in `.grad`.
-
-        Raises:
-            `UsageError`: Saying what is wrong and what to do.
-        """
-        if self.fw_args.uses_fisher_weights:
-            find_adapted_matrices(model)
-            if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-                engine = "FSDP" if self.is_fsdp_enabled else "DeepSpeed"
-                raise UsageError(
-                    f"FW-LoRA and IW-LoRA are not tested under {engine} through the Trainer, which adds the penalty's "
-                    "gradient into `.grad` (sharded there): they are refused rather than assumed to work. Train with "
-                    "DDP (`accelerate launch` with a plain multi-GPU config), run `lora` as a baseline under this "
-                    "engine, or, for FSDP2, drive `FisherEstimator` and `FisherWeightedPenalty` from your own loop "
-                    "with the penalty in the loss (tested under `fully_shard`: tests/test_fsdp.py)."
-                )
-        elif self.fw_args.uses_lora:
-            active_lora_adapter(model)
+        """Refuses, before anything trains, a model or engine on which the method would not be what it says
+        ([`refuse_untrainable_model`])."""
+        refuse_untrainable_model(model, self.fw_args, self.is_fsdp_enabled, self.is_deepspeed_enabled)
 
     def set_method_arguments(self, fw_args: FWLoraArguments) -> None:
         """
@@ -185,27 +170,44 @@ class FWLoraTrainerMixin:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise CheckpointError(f"There is no complete checkpoint to resume from in {self.args.output_dir}.")
-        if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint != self._checked_checkpoint:
-            self.check_resume(resume_from_checkpoint)
+        self.check_training_data()
+        self._fw_metrics.clear()  # nothing of an attempt that died goes into the next one's logs
+        if isinstance(resume_from_checkpoint, str):
+            if resume_from_checkpoint != self._checked_checkpoint:
+                self.check_resume(resume_from_checkpoint)
+        elif self.fisher_callback is not None:
+            # A new run: nothing an earlier `check_resume` read is restored.
+            self.fisher_callback.discard_resume()
+            self._checked_checkpoint = None
         try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
         except BaseException:
             if self.fisher_callback is not None:
                 self.fisher_callback.stop()
             raise
+        # The run's training time over all its segments, beside the Trainer's `train_runtime` (this call's).
+        output.metrics.update(train_runtime_total=self.train_time.seconds, train_segments=self.train_time.segments)
+        return output
 
-    def check_resume(self, checkpoint_dir: str) -> None:
+    def check_training_data(self) -> None:
+        """Refuses, before anything trains, training data that gives no batch ([`refuse_empty_training_data`])."""
+        refuse_empty_training_data(
+            self.train_dataset, self._train_batch_size, self.args.world_size, self.args.dataloader_drop_last
+        )
+
+    def check_resume(self, checkpoint_dir: str, weights_only: bool = False) -> None:
         """
         Checks that this run can resume from `checkpoint_dir`, before anything is loaded or written: a complete
-        checkpoint of the same run ([`check_checkpoint`]: the identity, the weights) and, for FW-LoRA and IW-LoRA, a
-        consistent `fw_importance.json` (read here, applied when training begins). `train` calls it, unless a
-        script called it first, before it wrote anything itself: each resume is checked once.
+        checkpoint of the same run ([`check_checkpoint`]: the identity, the weights, the training state unless
+        `weights_only` accepts a `--save_only_model` one) and, for FW-LoRA and IW-LoRA, a consistent
+        `fw_importance.json` (read here, applied when training begins). `train` calls it, unless a script called it
+        first, before it wrote anything itself: each resume is checked once.
 
         Raises:
             `CheckpointError`: Saying what is wrong and what to do; a [`RunMismatchError`] for another run.
         """
         self._checked_checkpoint = None
-        check_checkpoint(checkpoint_dir, self.model, self.identity())
+        check_checkpoint(checkpoint_dir, self.model, self.identity(), weights_only)
         if self.fisher_callback is not None:
             self.fisher_callback.check_resume(checkpoint_dir, self.model)
         self._checked_checkpoint = checkpoint_dir
@@ -378,13 +380,9 @@ class FWLoraTrainerMixin:
                 "matplotlib, which is not installed (`pip install matplotlib`)."
             )
             return
-        from .heatmap import heatmap_figure  # matplotlib is imported when a figure is drawn, not with the trainer
+        from .heatmap import add_importance_heatmap  # matplotlib is imported when a figure is drawn
 
-        title = f"importances frozen at step {self.fisher_callback.frozen_at_step}"
-        figure = heatmap_figure({title: importances}, "importance I")
-        for writer in writers:
-            writer.add_figure("fw_importance/heatmap", figure, self.state.global_step, close=False)
-            writer.flush()
+        add_importance_heatmap(writers, importances, self.fisher_callback.frozen_at_step, self.state.global_step)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model`, plus `fw_run_identity.json` and `fw_importance.json`, each written atomically (also

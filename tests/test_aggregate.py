@@ -8,6 +8,7 @@ import pytest
 import yaml
 from scipy import stats
 
+from fw_trainer.glue.completion import RUN_COMPLETE_FILE, write_completion
 from fw_trainer.study.aggregate import aggregate_study, main
 from fw_trainer.study.capacity import capacity_comparisons
 from fw_trainer.study.comparisons import significance_tests
@@ -43,7 +44,8 @@ def fabricate_run(run_dir, method: str, seed: int) -> None:
         run_dir / "all_results.json",
         {
             "eval_accuracy": final,
-            "train_runtime": 100.0 + 10 * seed + (5 if method == "fw" else 0),
+            "train_runtime_total": 100.0 + 10 * seed + (5 if method == "fw" else 0),
+            "train_segments": 1,
             "train_peak_memory_mb": 1000.0 + seed,
             "train_peak_memory_kind": "cpu_max_rss",
         },
@@ -64,6 +66,7 @@ def fabricate_run(run_dir, method: str, seed: int) -> None:
         write_importance_file(run_dir, 4, [(i + 1) / 10 for i in range(len(NAMES))])
     rows = [f"{i}\t{label}\t{pred}" for i, (label, pred) in enumerate(zip(LABELS, predictions(method, seed)))]
     (run_dir / "eval_predictions_sst2.tsv").write_text("index\tlabel\tprediction\n" + "\n".join(rows) + "\n")
+    write_completion(str(run_dir), ["train", "eval"])  # what the script writes last
 
 
 def write_importance_file(run_dir, frozen_at_step: int, importances: list[float]) -> None:
@@ -178,7 +181,7 @@ def test_aggregated_metrics_and_significance_by_hand(study, tmp_path):
 
 
 def test_partial_study_is_marked_and_an_empty_one_is_an_error(study, tmp_path, capsys):
-    (tmp_path / "out" / "fw" / "seed2" / METRICS_FILE).unlink()
+    (tmp_path / "out" / "fw" / "seed2" / RUN_COMPLETE_FILE).unlink()  # killed before it finished
     aggregate_study(study, figures=False)
     assert (tmp_path / "results" / "results.md").read_text().startswith("**Partial: 5 of 6 runs finished.**")
     (test,) = json.loads((tmp_path / "results" / "significance_tests.json").read_text())["tests"]

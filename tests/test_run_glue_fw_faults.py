@@ -200,6 +200,11 @@ ARGUMENT_FAULTS = {
     "no_epochs": (["--max_steps", "-1", "--num_train_epochs", "0"], "--num_train_epochs 0.0 without --max_steps"),
     "zero_sequence_length": (["--max_seq_length", "0"], "`max_seq_length` should be >= 1"),
     "no_train_samples": (["--max_train_samples", "0"], "`max_train_samples` should be >= 1"),
+    # A run that would train nothing (issue 28: it ended with exit 0, train_loss 0.0 and uniform importances frozen).
+    "no_batch": (
+        ["--max_train_samples", "8", "--per_device_train_batch_size", "16", "--dataloader_drop_last"],
+        "The training data gives no batch, so nothing would train: 8 rows, batches of 16",
+    ),
     # Rejected by torch or transformers themselves, when training would start.
     "optimizer_arguments": (
         ["--optim_args", "betas"],

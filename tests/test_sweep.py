@@ -98,6 +98,8 @@ def test_run_command_resumes_or_restarts(tmp_path):
     (run_dir / "runs").mkdir(parents=True)  # a crash before the first checkpoint
     assert run_command(config, run)[-2:] == ["--overwrite_output_dir", "true"]
     (run_dir / "checkpoint-4").mkdir()
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):  # the training state a resume needs
+        (run_dir / "checkpoint-4" / name).write_bytes(b"")
     (run_dir / "checkpoint-4" / "trainer_state.json").write_text("{}")
     assert "--overwrite_output_dir" not in run_command(config, run)  # resumes from checkpoint-4
 

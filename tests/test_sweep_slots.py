@@ -159,6 +159,8 @@ with open(os.path.join(output_dir, "ran.json"), "w") as f:
 with open(os.path.join(output_dir, "all_results.json"), "w") as f:
     json.dump({"eval_accuracy": 0.5, "train_peak_memory_mb": peak_mb,
                "train_peak_memory_kind": "cuda_max_memory_allocated"}, f)
+from fw_trainer.glue.completion import write_completion
+write_completion(output_dir, ["train", "eval"])
 """
 
 

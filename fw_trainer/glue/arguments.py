@@ -213,6 +213,13 @@ class ScriptArguments:
         default=False,
         metadata={"help": "Write into an output directory that already holds a run (its results are replaced)."},
     )
+    resume_weights_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Accept a checkpoint saved with --save_only_model for --resume_from_checkpoint: it starts again "
+            "from its weights with a new optimizer, learning-rate schedule and random state (refused otherwise)."
+        },
+    )
     hpo_trials: int = field(
         default=0,
         metadata={

@@ -120,8 +120,10 @@ def check_training_setup(trainer: Trainer) -> None:
     become usage errors, and the only place: an error during training itself keeps its traceback.
 
     Raises:
-        `UsageError`: Naming the component, the arguments that configure it and the library's message.
+        `UsageError`: Naming the component, the arguments that configure it and the library's message; or training
+            data that gives no batch.
     """
+    trainer.check_training_data()
     try:
         with _rejected_arguments("the training dataloader", "--per_device_train_batch_size, --dataloader_*"):
             max_steps = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]

@@ -28,6 +28,7 @@ from ..model_builder import build_peft_model
 from ..run_environment import write_run_environment
 from ..trainer import FWLoraTrainer
 from .arguments import DataTrainingArguments, ModelArguments, ScriptArguments, padding_multiple, parse_args, run_data
+from .completion import write_completion
 from .divergence import TrainingDivergedError, divergence_advice, metrics_divergence, training_divergence
 from .hpo import run_hyperparameter_search
 from .logging_setup import setup_logging
@@ -49,6 +50,8 @@ from .run_outputs import (
 logger = logging.getLogger(__name__)
 
 RELABELLED = "label_id"
+# The phases a run can be asked for, by their `TrainingArguments` switch: what `run_complete.json` lists.
+PHASES = {"train": "do_train", "eval": "do_eval", "predict": "do_predict"}
 # The exit status of a run that diverged (2 is bad input): a sweep does not retry it.
 DIVERGED_EXIT_STATUS = 3
 
@@ -263,7 +266,7 @@ def run(
         if not script_args.hpo_trials:  # a search trains its trials from scratch
             checkpoint = training_args.resume_from_checkpoint or last_checkpoint
         if checkpoint is not None:
-            trainer.check_resume(checkpoint)
+            trainer.check_resume(checkpoint, weights_only=script_args.resume_weights_only)
         check_training_setup(trainer)
     if training_args.should_save:
         write_adapter_summary(training_args.output_dir, summary)
@@ -286,6 +289,8 @@ def run(
             script_args.hpo_sampler_seed,
         )
         print_search_report(results)
+        if trainer.is_world_process_zero():
+            write_completion(training_args.output_dir, ["hpo"])
         return
 
     # Training (a search above trains its trials from scratch)
@@ -378,13 +383,16 @@ def run(
     else:
         trainer.create_model_card(**kwargs)
 
-    # The dev metrics and, for FW-LoRA and IW-LoRA, the frozen importances, on standard output.
+    # The dev metrics and, for FW-LoRA and IW-LoRA, the frozen importances, on standard output; then, as the run's
+    # last file, the record that it finished every phase it was asked for.
     warmup = trainer.fisher_callback
     if trainer.is_world_process_zero():
         frozen = warmup is not None and warmup.frozen
         print_report(
             eval_metrics, warmup.format_table() if frozen else None, warmup.frozen_at_step if frozen else None
         )
+        phases = [name for name, asked in PHASES.items() if getattr(training_args, asked)]
+        write_completion(training_args.output_dir, phases)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,13 @@ from typing import Any, Optional
 
 from ..checkpoints import last_complete_checkpoint
 from ..errors import UsageError
+from .completion import RUN_COMPLETE_FILE, completion_problem
 
 
 logger = logging.getLogger(__name__)
 
-# transformers' `save_metrics("all", ...)`, written last: its presence marks a finished run.
+# transformers' `save_metrics(..., combined=True)`: the run's results (not a sign that it finished: see
+# `completion.py`).
 ALL_RESULTS_FILE = "all_results.json"
 # Held by the run writing into the directory: its process id, host and start.
 LOCK_FILE = "fw_run.lock"
@@ -62,13 +64,9 @@ RUN_OUTPUTS = (
     "spm.model",
     "sentencepiece.bpe.model",
     "README.md",
+    "run_complete.json",
     ".tmp-*.json",
 )
-
-
-def is_finished_run(output_dir: str) -> bool:
-    """Whether `output_dir` holds a finished run (its `all_results.json`, the last file a run writes)."""
-    return os.path.isfile(os.path.join(output_dir, ALL_RESULTS_FILE))
 
 
 def _contents(output_dir: str) -> list[str]:
@@ -98,17 +96,19 @@ def checkpoint_to_resume(
         return None
     if resume_from_checkpoint is not None:
         return None
-    if is_finished_run(output_dir):
+    unfinished = completion_problem(output_dir)
+    if unfinished is None:
         raise UsageError(
-            f"The output directory {output_dir} already holds a finished run ({ALL_RESULTS_FILE}). Nothing was "
+            f"The output directory {output_dir} already holds a finished run ({RUN_COMPLETE_FILE}). Nothing was "
             "changed. Pass --overwrite_output_dir to replace it, --resume_from_checkpoint to continue it, or choose "
             "another --output_dir."
         )
     last_checkpoint = last_complete_checkpoint(output_dir) if do_train else None
     if last_checkpoint is None:
         raise UsageError(
-            f"The output directory {output_dir} is not empty and holds no complete checkpoint to resume from. Nothing "
-            "was changed. Pass --overwrite_output_dir to write into it anyway, or choose another --output_dir."
+            f"The output directory {output_dir} is not empty and holds no complete checkpoint to resume from (nor a "
+            f"finished run: {unfinished}). Nothing was changed. Pass --overwrite_output_dir to write into it anyway, "
+            "or choose another --output_dir."
         )
     logger.info(
         "Checkpoint detected, resuming training at %s. To avoid this behavior, change the `--output_dir` or add "

@@ -19,19 +19,19 @@ Aggregates a finished (or partly finished) study into the artefacts of a paper, 
 """
 
 import argparse
-import json
 import os
 import shutil
 import sys
 from collections import defaultdict
 from typing import Optional
 
+from ..glue.completion import is_finished_run
 from ..state_files import write_json_atomic
 from .capacity import capacity_comparisons, capacity_correlations, summarize_capacity
 from .comparisons import significance_tests
 from .config import SEED_AXIS, StudyConfig, StudyConfigError
 from .report_figures import run_figures, study_figures
-from .run_metrics import METRICS_FILE, group_key, group_name
+from .run_metrics import METRICS_FILE, group_key, group_name, read_run_metrics
 from .statistics import summarize
 
 
@@ -40,15 +40,26 @@ SIGNIFICANCE_TESTS_FILE = "significance_tests.json"
 
 
 def load_finished_runs(config: StudyConfig) -> list[dict]:
-    """The `metrics.json` of every finished run of the study, in grid order, with `run_dir` added."""
+    """
+    The `metrics.json` of every finished run of the study ([`is_finished_run`]), in grid order, with `run_dir` added;
+    runs still to finish are left out (the report says how many).
+
+    Raises:
+        `StudyConfigError`: If a finished run's `metrics.json` is missing or damaged, naming it.
+    """
     runs = []
     for run in config.runs():
-        path = os.path.join(config.output_dir, run.name, METRICS_FILE)
-        if os.path.isfile(path):
-            with open(path) as f:
-                metrics = json.load(f)
-            metrics["run_dir"] = os.path.dirname(path)
-            runs.append(metrics)
+        run_dir = os.path.join(config.output_dir, run.name)
+        if not is_finished_run(run_dir):
+            continue
+        metrics = read_run_metrics(run_dir)
+        if metrics is None:
+            raise StudyConfigError(
+                f"{os.path.join(run_dir, METRICS_FILE)} is missing or damaged although its run finished: rerun the "
+                f"sweep (`python -m fw_trainer.study.sweep {config.path}`), which rewrites it from the run's files "
+                "without training again."
+            )
+        runs.append({**metrics, "run_dir": run_dir})
     return runs
 
 
@@ -128,9 +139,8 @@ def markdown_tables(
     lines = [f"Hardware: {devices.pop()}.", ""] if devices and not hardware_column else []
     extra_columns = (" adapter file (MB) |" if file_sizes else "") + (" hardware |" if hardware_column else "")
     lines += [
-        "| group | metric | n | final dev (mean ± std) | 95 % CI | best dev (mean ± std) | train time (s) | peak "
-        "memory (MB) "
-        "| adapter params |" + extra_columns,
+        "| group | metric | n | final dev (mean ± std) | 95 % CI | best dev (mean ± std) | train time (s) | "
+        "peak memory (MB) | adapter params |" + extra_columns,
         "|---|---|---|---|---|---|---|---|---|" + "---|" * extra_columns.count("|"),
     ]
     for row in groups:
@@ -252,6 +262,16 @@ def aggregate_study(config: StudyConfig, figures: bool = True) -> dict:
     with open(os.path.join(results_dir, "results.md"), "w") as f:
         if len(runs) < expected:
             f.write(f"**Partial: {len(runs)} of {expected} runs finished.**\n\n")
+        resumed = sum(1 for metrics in runs if (metrics.get("train_segments") or 1) > 1)
+        f.write(
+            "Train time: each run's training wall time summed over its segments; "
+            + (
+                f"{resumed} run(s) were interrupted and resumed (the time lost after their last checkpoint is not "
+                "counted).\n\n"
+                if resumed
+                else "no run was resumed.\n\n"
+            )
+        )
         f.write(markdown_tables(groups, tests, capacity, capacity_tests))
 
     written = {"groups": groups, "tests": tests, "capacity": capacity, "documents": documents, "figures": []}

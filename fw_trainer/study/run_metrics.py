@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any, Optional
 
+from ..glue.completion import completion_problem
 from ..glue.metrics import PRIMARY_GLUE_METRIC
 from ..glue.run_outputs import (
     ADAPTER_SUMMARY_FILE,
@@ -52,12 +53,13 @@ def collect_run_metrics(run_dir: str, task_name: Optional[str], extra: Optional[
         `adapter_file_bytes` and `hardware` from `run_environment.json` (both `None` for a run that predates it).
 
     Raises:
-        `FileNotFoundError`: If the run has not finished (no `all_results.json`).
+        `FileNotFoundError`: If the run has not finished ([`completion_problem`] says why).
     """
+    unfinished = completion_problem(run_dir)
+    if unfinished is not None:
+        raise FileNotFoundError(f"{run_dir} is not a finished run: {unfinished}.")
     artifacts = read_run_artifacts(run_dir)
     results = artifacts["all_results"]
-    if results is None:
-        raise FileNotFoundError(f"{run_dir} holds no {ALL_RESULTS_FILE}: the run has not finished.")
     state = artifacts["trainer_state"] or {"log_history": []}
     metric = primary_metric(task_name, results)
     key = f"eval_{metric}"
@@ -87,7 +89,9 @@ def collect_run_metrics(run_dir: str, task_name: Optional[str], extra: Optional[
         "best_step": best["step"] if best else None,
         "eval_history": eval_history,
         "train_loss_history": loss_history,
-        "train_runtime": results.get("train_runtime"),
+        # The run's training time over all its segments (a resumed run's `train_runtime` is its last segment's).
+        "train_runtime": results.get("train_runtime_total"),
+        "train_segments": results.get("train_segments"),
         "train_samples_per_second": results.get("train_samples_per_second"),
         "train_peak_memory_mb": results.get("train_peak_memory_mb"),
         "train_peak_memory_kind": results.get("train_peak_memory_kind"),
@@ -161,3 +165,13 @@ def read_run_artifacts(run_dir: str) -> dict[str, Any]:
         "run_environment": _read_json(os.path.join(run_dir, RUN_ENVIRONMENT_FILE)),
         "eval_predictions": sorted(f for f in os.listdir(run_dir) if f.startswith(prefix) and f.endswith(suffix)),
     }
+
+
+def read_run_metrics(run_dir: str) -> Optional[dict]:
+    """The `metrics.json` of a run directory, or `None` if it has none or a damaged one (not a JSON object)."""
+    try:
+        with open(os.path.join(run_dir, METRICS_FILE), encoding="utf-8") as f:
+            metrics = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) else None

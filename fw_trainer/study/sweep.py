@@ -27,13 +27,14 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Optional
 
+from ..checkpoints import last_complete_checkpoint
 from ..glue.arguments import to_argv
+from ..glue.completion import is_finished_run
 from ..glue.run import DIVERGED_EXIT_STATUS
-from ..glue.run_directory import is_finished_run, last_complete_checkpoint
 from ..state_files import write_json_atomic
 from .code_revision import code_revision
 from .config import StudyConfig, StudyConfigError, StudyRun
-from .run_metrics import METRICS_FILE, collect_run_metrics
+from .run_metrics import METRICS_FILE, collect_run_metrics, read_run_metrics
 from .slots import SlotLayout, fitting_runs_per_gpu, measured_peak_gb, plan_runs_per_gpu
 
 
@@ -46,7 +47,10 @@ def log_path(config: StudyConfig, run: StudyRun) -> str:
 
 
 def is_finished(config: StudyConfig, run: StudyRun) -> bool:
-    return os.path.isfile(os.path.join(run_dir(config, run), METRICS_FILE))
+    """Whether `run` is done: a finished run ([`is_finished_run`]) whose `metrics.json` is whole (a run killed while
+    its metrics were written gets them rewritten from its files, without training again)."""
+    output_dir = run_dir(config, run)
+    return is_finished_run(output_dir) and read_run_metrics(output_dir) is not None
 
 
 def run_command(config: StudyConfig, run: StudyRun) -> list[str]:
