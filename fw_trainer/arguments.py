@@ -277,6 +277,10 @@ class FWLoraArguments:
             raise ValueError(
                 "`lora_r` and `lora_budget` are mutually exclusive: pass an explicit rank or a budget, not both."
             )
+        if isinstance(self.lora_target_modules, str):
+            # One name given as a string (`lora_target_modules="query"`, or `query` in a YAML file) is that one
+            # target, not its letters.
+            self.lora_target_modules = [self.lora_target_modules]
         if self.lora_target_modules is not None and len(self.lora_target_modules) == 0:
             raise ValueError("`lora_target_modules` should name at least one module, but an empty list was passed.")
         self._check_lora_variant()

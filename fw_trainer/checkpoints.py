@@ -181,7 +181,7 @@ def _shape(tensors: dict[str, list[int]], name: str) -> str:
 
 def _read_trainer_state(path: str) -> Optional[dict]:
     try:
-        with open(os.path.join(path, TRAINER_STATE_NAME)) as f:
+        with open(os.path.join(path, TRAINER_STATE_NAME), encoding="utf-8") as f:
             state = json.load(f)
     except (OSError, UnicodeDecodeError, ValueError):
         return None

@@ -58,7 +58,7 @@ def cpu_name() -> str:
     """The CPU's model name: `model name` in `/proc/cpuinfo` on Linux, else what `platform` knows (may be the
     architecture only, e.g. `arm64`)."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()

@@ -32,7 +32,9 @@ def write_json_atomic(path: str, data: Any) -> None:
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".tmp-", suffix=".json", delete=False) as f:
+    with tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=directory, prefix=".tmp-", suffix=".json", delete=False
+    ) as f:
         try:
             json.dump(data, f, indent=2)
             f.flush()
@@ -140,7 +142,7 @@ def read_state_file(path: str, schema: Schema, problem: Optional[Callable[[Any],
             problem.
     """
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, ValueError) as error:
         found = f"not valid JSON ({error})"

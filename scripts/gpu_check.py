@@ -55,7 +55,7 @@ RUNS = {
 def run_command(command: list[str], log_path: Path, env: Optional[dict] = None) -> tuple[int, float]:
     """Runs `command` with its output teed into `log_path`; returns its exit status and wall time."""
     start = time.perf_counter()
-    with open(log_path, "w") as log:
+    with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
@@ -133,7 +133,7 @@ def check_reload(output_dir: Path, method: str, num_sentences: int = 256) -> lis
     predictions_path = output_dir / "eval_predictions_sst2.tsv"
     if not predictions_path.is_file():
         return ["no eval_predictions_sst2.tsv"]
-    with open(predictions_path) as f:
+    with open(predictions_path, encoding="utf-8") as f:
         saved = [int(row["prediction"]) for row in csv.DictReader(f, delimiter="\t")][:num_sentences]
     try:
         if method == "full":

@@ -200,6 +200,8 @@ ARGUMENT_FAULTS = {
     "no_epochs": (["--max_steps", "-1", "--num_train_epochs", "0"], "--num_train_epochs 0.0 without --max_steps"),
     "zero_sequence_length": (["--max_seq_length", "0"], "`max_seq_length` should be >= 1"),
     "no_train_samples": (["--max_train_samples", "0"], "`max_train_samples` should be >= 1"),
+    # An optional package the arguments need (issue 28: an ImportError inside train(), after files were written).
+    "liger_not_installed": (["--use_liger_kernel"], "--use_liger_kernel needs the liger-kernel package"),
     # A run that would train nothing (issue 28: it ended with exit 0, train_loss 0.0 and uniform importances frozen).
     "no_batch": (
         ["--max_train_samples", "8", "--per_device_train_batch_size", "16", "--dataloader_drop_last"],

@@ -272,7 +272,7 @@ def to_argv(args: dict[str, Any]) -> list[str]:
 
 def yaml_to_argv(path: str) -> list[str]:
     """The arguments of a YAML file as command-line flags, so that later flags override them."""
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
             config = yaml.safe_load(f) or {}
         except yaml.YAMLError as error:

@@ -121,6 +121,6 @@ def run_hyperparameter_search(
     }
     if trainer.is_world_process_zero():
         os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, HPO_RESULTS_FILE), "w") as f:
+        with open(os.path.join(output_dir, HPO_RESULTS_FILE), "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
     return results

@@ -10,6 +10,7 @@ from dataclasses import fields
 from typing import Any
 
 from transformers import Trainer, TrainingArguments
+from transformers.utils import is_liger_kernel_available
 
 from ..arguments import FWLoraArguments
 from ..errors import UsageError
@@ -68,6 +69,11 @@ def check_training_arguments(training_args: TrainingArguments) -> None:
             "--num_train_epochs or --max_steps."
         )
     _check_report_to(training_args.report_to)
+    if training_args.use_liger_kernel and not is_liger_kernel_available():
+        raise UsageError(
+            "--use_liger_kernel needs the liger-kernel package, which is not installed (transformers would fail "
+            "inside train(), after files were written): `pip install liger-kernel`, or leave out --use_liger_kernel."
+        )
     if training_args.fp16 and training_args.device.type == "cpu":
         raise UsageError(
             "--fp16 needs a GPU: on the CPU accelerate would silently train in fp32. Use --bf16 for mixed precision "

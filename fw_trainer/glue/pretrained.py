@@ -87,7 +87,7 @@ def _check_model_directory(argument: str, path: str) -> None:
         return
     adapter_config = os.path.join(path, "adapter_config.json")
     if os.path.isfile(adapter_config):
-        with open(adapter_config) as f:
+        with open(adapter_config, encoding="utf-8") as f:
             base = json.load(f).get("base_model_name_or_path")
         raise UsageError(
             f"{argument} {path} holds a LoRA adapter, not a model: pass its base model, {argument} {base}. (To use "
@@ -117,3 +117,28 @@ def load_model(model_args: ModelArguments, model_path: str, config: PretrainedCo
             "label(s). Pass --ignore_mismatched_sizes to start the head afresh, or use a checkpoint made for this "
             "task."
         ) from error
+
+
+# Models whose position ids start after the padding index (fairseq's convention): `padding_idx + 1` positions unused.
+_POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm", "xmod"}
+
+
+def check_sequence_length(max_seq_length: int, config: PretrainedConfig) -> None:
+    """
+    Refuses a `--max_seq_length` longer than the model has positions for (a tokenizer without `model_max_length`
+    lets it through, and the model then indexes past its position embeddings mid-run).
+
+    Raises:
+        `UsageError`: Naming the two lengths.
+    """
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None:
+        return
+    if config.model_type in _POSITIONS_AFTER_PADDING:
+        positions -= (config.pad_token_id or 0) + 1
+    if max_seq_length > positions:
+        raise UsageError(
+            f"--max_seq_length {max_seq_length} is longer than the model's {positions} positions "
+            f"(max_position_embeddings of its config): its position embeddings would be indexed past their end. "
+            f"Pass --max_seq_length {positions} or less."
+        )

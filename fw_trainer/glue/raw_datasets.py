@@ -9,6 +9,7 @@ from datasets import DatasetDict, load_dataset
 
 from ..errors import UsageError
 from .arguments import DataTrainingArguments, ModelArguments
+from .data_checks import check_examples
 from .tsv_layout import TASK_TO_KEYS, load_glue_dir
 
 
@@ -19,7 +20,8 @@ def load_raw_datasets(model_args: ModelArguments, data_args: DataTrainingArgumen
     that a test file without labels loads).
 
     Raises:
-        `UsageError`: If the data cannot be found or read, or the files' columns do not fit together.
+        `UsageError`: If the data cannot be found or read, the files' columns do not fit together, or a row of your
+        own files cannot be trained or evaluated on ([`check_examples`]).
     """
     if data_args.task_name is not None and data_args.glue_dir:
         try:
@@ -73,6 +75,18 @@ def load_raw_datasets(model_args: ModelArguments, data_args: DataTrainingArgumen
             f"The train file {data_args.train_file} has no `label` column (columns: "
             f"{', '.join(sorted(expected))}). Name the target column `label`."
         )
+    if expected == {"label"}:
+        raise UsageError(
+            f"The train file {data_args.train_file} has no column besides `label`. Add the text of each example in a "
+            "column (two columns, e.g. `sentence1` and `sentence2`, for a pair task)."
+        )
+    if "label" not in raw_datasets["validation"].column_names:
+        raise UsageError(
+            f"The validation file {data_args.validation_file} has no `label` column (columns: "
+            f"{', '.join(sorted(raw_datasets['validation'].column_names))}): the dev set is scored against its "
+            "labels. Add them in a column named `label`; an unlabelled file can be predicted on as --test_file (with "
+            "--do_predict)."
+        )
     for split, dataset in raw_datasets.items():
         columns = set(dataset.column_names) | ({"label"} if split == "test" else set())
         if columns != expected:
@@ -80,6 +94,7 @@ def load_raw_datasets(model_args: ModelArguments, data_args: DataTrainingArgumen
                 f"The {split} file {data_files[split]} has the columns {', '.join(sorted(dataset.column_names))} but "
                 f"the train file has {', '.join(sorted(expected))}. Give every file the same columns."
             )
+    check_examples(raw_datasets, data_files, builder, sentence_keys(raw_datasets, None))
     if labels_of(raw_datasets, None) is not None and "validation" in raw_datasets:
         # A label the training data lacks has no output of the classifier: it would fail, or be scored as never right.
         unseen = sorted(set(raw_datasets["validation"].unique("label")) - set(raw_datasets["train"].unique("label")))

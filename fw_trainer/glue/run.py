@@ -34,7 +34,7 @@ from .hpo import run_hyperparameter_search
 from .logging_setup import setup_logging
 from .metrics import PRIMARY_GLUE_METRIC, metric_function, predicted_labels
 from .preflight import check_training_setup
-from .pretrained import load_model, load_pretrained, resolve_model_path
+from .pretrained import check_sequence_length, load_model, load_pretrained, resolve_model_path
 from .raw_datasets import labels_of, load_raw_datasets, sentence_keys
 from .run_directory import OutputDirectoryLock, check_writable, checkpoint_to_resume, missing_directories
 from .run_outputs import (
@@ -45,6 +45,7 @@ from .run_outputs import (
     write_eval_predictions,
     write_predict_results,
 )
+from .write_failures import reported_write_failures
 
 
 logger = logging.getLogger(__name__)
@@ -69,14 +70,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         dev metrics are not finite, its files kept for inspection. Either is reported as one `error: ...` paragraph on
         standard error.
     """
-    created = []
+    created, output_dir = [], "."
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         output_dir, training_args = args[-1].output_dir, args[-1]
         check_writable(output_dir)
         created = missing_directories(output_dir)
         # The main process holds the directory for all (the others write nothing of their own there).
-        with OutputDirectoryLock(output_dir) if training_args.process_index == 0 else nullcontext():
+        lock = OutputDirectoryLock(output_dir) if training_args.process_index == 0 else nullcontext()
+        # A write that finds no room (a full disk) ends in a paragraph, not in a library's traceback.
+        with lock, reported_write_failures(output_dir):
             run(*args)
     except (*USER_FAULTS, TrainingDivergedError) as error:
         message = str(error)
@@ -170,6 +173,7 @@ def run(
             f"model ({tokenizer.model_max_length}). Using max_seq_length={tokenizer.model_max_length}."
         )
     max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length)
+    check_sequence_length(max_seq_length, config)
 
     def preprocess_function(examples):
         # Tokenize the texts
@@ -378,10 +382,7 @@ def run(
         kwargs["dataset_args"] = data_args.task_name
         kwargs["dataset"] = f"GLUE {data_args.task_name.upper()}"
 
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**kwargs)
-    else:
-        trainer.create_model_card(**kwargs)
+    trainer.push_to_hub(**kwargs) if training_args.push_to_hub else trainer.create_model_card(**kwargs)
 
     # The dev metrics and, for FW-LoRA and IW-LoRA, the frozen importances, on standard output; then, as the run's
     # last file, the record that it finished every phase it was asked for.
@@ -391,8 +392,7 @@ def run(
         print_report(
             eval_metrics, warmup.format_table() if frozen else None, warmup.frozen_at_step if frozen else None
         )
-        phases = [name for name, asked in PHASES.items() if getattr(training_args, asked)]
-        write_completion(training_args.output_dir, phases)
+        write_completion(training_args.output_dir, [name for name, on in PHASES.items() if getattr(training_args, on)])
 
 
 if __name__ == "__main__":

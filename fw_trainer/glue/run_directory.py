@@ -207,7 +207,7 @@ class OutputDirectoryLock:
             except FileExistsError:
                 self._take_over_if_stale()
                 continue
-            with os.fdopen(descriptor, "w") as f:
+            with os.fdopen(descriptor, "w", encoding="utf-8") as f:
                 json.dump(holder, f)
             self._held = True
             return self
@@ -232,7 +232,7 @@ class OutputDirectoryLock:
 
     def _take_over_if_stale(self) -> None:
         try:
-            with open(self.path) as f:
+            with open(self.path, encoding="utf-8") as f:
                 holder = json.load(f)
         except FileNotFoundError:
             return  # released meanwhile: try again
@@ -271,7 +271,7 @@ class OutputDirectoryLock:
 def _process_start(pid: int) -> Optional[str]:
     """The start time of a process (Linux: field 22 of `/proc/<pid>/stat`), to tell a reused process id apart."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
             return f.read().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None

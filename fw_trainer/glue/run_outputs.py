@@ -66,7 +66,7 @@ def write_eval_predictions(
         is_regression (`bool`): Scores are written with 6 significant digits, label ids as integers.
     """
     path = os.path.join(output_dir, EVAL_PREDICTIONS_FILE.format(task=task or "custom"))
-    with open(path, "w") as writer:
+    with open(path, "w", encoding="utf-8") as writer:
         writer.write("index\tlabel\tprediction\n")
         for index, (label, prediction) in enumerate(zip(label_ids, predictions)):
             if is_regression:
@@ -82,7 +82,7 @@ def write_predict_results(
     Writes run_glue's `predict_results_{task}.txt`: index and prediction of each test example (a label name, or a
     score with 3 decimals for a regression, i.e. when `label_list` is `None`).
     """
-    with open(os.path.join(output_dir, f"predict_results_{task or 'custom'}.txt"), "w") as writer:
+    with open(os.path.join(output_dir, f"predict_results_{task or 'custom'}.txt"), "w", encoding="utf-8") as writer:
         writer.write("index\tprediction\n")
         for index, item in enumerate(predictions):
             writer.write(f"{index}\t{item:3.3f}\n" if label_list is None else f"{index}\t{label_list[item]}\n")

@@ -259,7 +259,7 @@ def aggregate_study(config: StudyConfig, figures: bool = True) -> dict:
     }
     for name, document in documents.items():
         write_json_atomic(os.path.join(results_dir, name), document)
-    with open(os.path.join(results_dir, "results.md"), "w") as f:
+    with open(os.path.join(results_dir, "results.md"), "w", encoding="utf-8") as f:
         if len(runs) < expected:
             f.write(f"**Partial: {len(runs)} of {expected} runs finished.**\n\n")
         resumed = sum(1 for metrics in runs if (metrics.get("train_segments") or 1) > 1)

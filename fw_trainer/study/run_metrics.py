@@ -136,7 +136,7 @@ def group_name(key: tuple[tuple[str, str], ...]) -> str:
 def _read_json(path: str) -> Optional[Any]:
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
