@@ -169,7 +169,10 @@ def test_code_revision_of_a_checkout_and_of_an_installed_package(tmp_path):
 
 
 def test_failing_run_is_retried_and_reported(tmp_path, tiny_model_dir, glue_dir, capsys):  # noqa: F811
-    axes = {"method": {"lora": {"method": "lora"}, "broken": {"method": "lora", "lora_alpha": -1}}}
+    # Arguments that parse (the sweep refuses those that do not before any run: test_study_validation.py) but a run
+    # that fails: its model does not exist.
+    missing_model = str(tmp_path / "no_such_model")
+    axes = {"method": {"lora": {"method": "lora"}, "broken": {"method": "lora", "model_name_or_path": missing_model}}}
     study = write_study(tmp_path, tiny_model_dir, glue_dir, axes)
     config = StudyConfig.from_yaml(str(study))
     cwd = os.getcwd()
@@ -185,4 +188,4 @@ def test_failing_run_is_retried_and_reported(tmp_path, tiny_model_dir, glue_dir,
     assert (tmp_path / "out" / good.name / "metrics.json").is_file()
     with open(log_path(config, broken)) as f:
         log = f.read()
-    assert log.count("=====") == 2 and "lora_alpha" in log  # one retry, and the script's own error
+    assert log.count("=====") == 2 and f"{missing_model} does not exist" in log  # one retry, and the script's error

@@ -33,7 +33,35 @@ SEED_AXIS = "seed"
 
 
 class StudyConfigError(ValueError):
-    """A study file that cannot be run; the message says what to change."""
+    """A study that cannot be run (its file, or its runs' arguments); the message says what to change."""
+
+
+class _RepeatedKey(yaml.YAMLError):
+    """A key given twice in one mapping of a study file."""
+
+    def __init__(self, key: Any, first_line: int, line: int):
+        super().__init__(key, first_line, line)
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+class _StudyLoader(yaml.SafeLoader):
+    """`yaml.safe_load`, but a key given twice in one mapping is refused: PyYAML would silently keep the last (an axis
+    variant, an argument, `axes` itself), and the grid would lose a cell without a word."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first_line = lines.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: SafeLoader refuses it itself
+                    continue
+                if first_line != key_node.start_mark.line + 1:
+                    raise _RepeatedKey(key, first_line, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep=deep)
 
 
 @dataclass(frozen=True)
@@ -86,9 +114,15 @@ class StudyConfig:
             )
         if not os.path.isfile(path):
             raise StudyConfigError(f"The study file {path} does not exist.")
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             try:
-                raw = yaml.safe_load(f) or {}
+                raw = yaml.load(f, Loader=_StudyLoader) or {}
+            except _RepeatedKey as error:
+                raise StudyConfigError(
+                    f"{path}: the key {error.key!r} is given twice in one mapping (lines {error.first_line} and "
+                    f"{error.line}); YAML would silently keep the second, and a grid cell or an argument would be "
+                    "lost. Remove or rename one of them."
+                ) from error
             except yaml.YAMLError as error:
                 raise StudyConfigError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from error
         if not isinstance(raw, dict):
@@ -125,6 +159,16 @@ class StudyConfig:
         return config
 
     def _validate(self) -> None:
+        for axis, variants in self.axes.items():
+            directories: dict[str, str] = {}
+            for label in variants:
+                directory = StudyRun({axis: label}, {}).name
+                if directories.setdefault(directory, label) != label:
+                    raise StudyConfigError(
+                        f"{self.path}: labels {directories[directory]!r} and {label!r} of axis {axis!r} both name "
+                        f"the run directory {directory!r} (a label that does not start with a letter gets the axis's "
+                        "name in front): the two would share their runs. Rename one of them."
+                    )
         if "output_dir" in self.args or any("output_dir" in v for a in self.axes.values() for v in a.values()):
             raise StudyConfigError(
                 f"{self.path}: `output_dir` is set per run by the sweep; remove it from `args`/`axes`."
@@ -155,7 +199,13 @@ class StudyConfig:
 
 
 def _axis_variants(path: str, axis: str, values: Any) -> dict[str, dict[str, Any]]:
-    """An axis as `{label: arguments}`: a mapping is taken as is, a list `[v, ...]` means `{str(v): {axis: v}}`."""
+    """
+    An axis as `{label: arguments}`: a mapping is taken as is, a list `[v, ...]` means `{str(v): {axis: v}}`.
+
+    Raises:
+        `StudyConfigError`: If a variant is not a mapping of arguments, or a value or label is given twice (`seed: [0,
+            0, 1]`, `[1, "1"]` or `[0.001, 1.0e-3]`): the grid would silently hold one run for both.
+    """
     if isinstance(values, dict):
         for label, variant in values.items():
             if not isinstance(variant, dict):
@@ -163,9 +213,29 @@ def _axis_variants(path: str, axis: str, values: Any) -> dict[str, dict[str, Any
                     f"{path}: variant {label!r} of axis {axis!r} should be a mapping of arguments, e.g. "
                     f"`{label}: {{method: {label}}}`."
                 )
+        _refuse_repeats(path, axis, list(values), "label")
         return {str(label): dict(variant) for label, variant in values.items()}
     if isinstance(values, list) and values:
+        _refuse_repeats(path, axis, values, "value")
         return {str(value): {axis: value} for value in values}
     raise StudyConfigError(
         f"{path}: axis {axis!r} should be a non-empty list of values or a mapping of named variants, got {values!r}."
     )
+
+
+def _refuse_repeats(path: str, axis: str, values: list, what: str) -> None:
+    """Refuses two of an axis's values (or labels) that are the same label (`1` and `"1"`) or the same number (`0.001`
+    and `1.0e-3`), naming the axis and the value."""
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    for at, value in enumerate(values):
+        for earlier in values[:at]:
+            if str(earlier) == str(value) or (number(earlier) and number(value) and earlier == value):
+                same = f"{earlier!r} and {value!r} are the same {what}" if repr(earlier) != repr(value) else ""
+                raise StudyConfigError(
+                    f"{path}: axis {axis!r} has the {what} {value!r} twice{f' ({same})' if same else ''} in "
+                    f"{values!r}: a repeat is not one more run (the grid would silently hold one run for both, or the "
+                    "same run twice). Remove the repeat or change it."
+                )

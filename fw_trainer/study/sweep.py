@@ -4,9 +4,10 @@ Runs every cell of a study (see `fw_trainer.study.config`) with `run_glue_fw.py`
     python -m fw_trainer.study.sweep configs/studies/cpu_minilm.yaml [--parallel N] [--dry_run]
     python -m fw_trainer.study.sweep configs/studies/roberta_base_glue.yaml --parallel 6 --runs_per_gpu 3  # 2 GPUs
 
-Resumable: a run whose `metrics.json` exists is skipped; a run that stopped with checkpoints resumes from the last one;
-a run that crashed before any checkpoint starts again (its log is kept, appended to). `metrics.json` is the last file
-a run gets and is written atomically, so an interrupted sweep never leaves a half-written result. Each run's output
+Resumable: a finished run (its `run_complete.json` whole, see `fw_trainer.glue.completion`) with a whole
+`metrics.json` is skipped, and a finished run whose `metrics.json` is missing or damaged gets it rewritten without
+training again; a run that stopped with checkpoints resumes from the last one; a run that crashed before any
+checkpoint starts again (its log is kept, appended to). Each run's output
 goes to `<output_dir>/logs/<run>.log`; the screen shows which run, how many are left and the estimated time to go,
 and at the end the runs per hour on the slot layout used, to compare one run per GPU with several.
 
@@ -14,6 +15,11 @@ and at the end the runs per hour on the slot layout used, to compare one run per
 by `--run_memory_gb`, or by the peak a finished run of the study measured; refused before anything starts when they
 do not. With neither estimate, the sweep starts one run per GPU and opens the other slots, as many as fit, once the
 first run has reported its peak.
+
+Before the first run starts, every run's arguments go through the GLUE script's own parser
+(`validation.refused_arguments`): a misspelt method or option is refused at once, naming the run, rather than when its
+run comes up hours later. One sweep at a time runs a study (`study_lock.StudyDirectoryLock`): a second one on the same
+output directory is refused at once.
 """
 
 import argparse
@@ -25,9 +31,11 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import ExitStack
 from typing import Optional
 
 from ..checkpoints import last_complete_checkpoint
+from ..errors import UsageError
 from ..glue.arguments import to_argv
 from ..glue.completion import is_finished_run
 from ..glue.run import DIVERGED_EXIT_STATUS
@@ -36,6 +44,8 @@ from .code_revision import code_revision
 from .config import StudyConfig, StudyConfigError, StudyRun
 from .run_metrics import METRICS_FILE, collect_run_metrics, read_run_metrics
 from .slots import SlotLayout, fitting_runs_per_gpu, measured_peak_gb, plan_runs_per_gpu
+from .study_lock import StudyDirectoryLock
+from .validation import refused_arguments
 
 
 def run_dir(config: StudyConfig, run: StudyRun) -> str:
@@ -53,19 +63,24 @@ def is_finished(config: StudyConfig, run: StudyRun) -> bool:
     return is_finished_run(output_dir) and read_run_metrics(output_dir) is not None
 
 
-def run_command(config: StudyConfig, run: StudyRun) -> list[str]:
-    """The command line of a run, the installed GLUE runner's (`python -m fw_trainer.glue.run`, i.e. `run_glue_fw.py`)
-    or the study's `script`, continuing what an earlier attempt left behind."""
+def run_arguments(config: StudyConfig, run: StudyRun) -> list[str]:
+    """The arguments of a run's command line (see [`run_command`]): the study's `base_config`, the run's arguments, its
+    output directory, and `--overwrite_output_dir true` when an earlier attempt left nothing to resume from."""
     output_dir = run_dir(config, run)
-    argv = [sys.executable, *((config.script,) if config.script else ("-m", "fw_trainer.glue.run"))]
-    if config.base_config:
-        argv.append(config.base_config)
+    argv = [config.base_config] if config.base_config else []
     argv += to_argv(run.args) + ["--output_dir", output_dir]
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not is_finished_run(output_dir):
         if last_complete_checkpoint(output_dir) is None:
             # A crash before the first checkpoint left nothing to resume from (and no result): start again.
             argv += ["--overwrite_output_dir", "true"]
     return argv
+
+
+def run_command(config: StudyConfig, run: StudyRun) -> list[str]:
+    """The command line of a run, the installed GLUE runner's (`python -m fw_trainer.glue.run`, i.e. `run_glue_fw.py`)
+    or the study's `script`, continuing what an earlier attempt left behind."""
+    script = (config.script,) if config.script else ("-m", "fw_trainer.glue.run")
+    return [sys.executable, *script, *run_arguments(config, run)]
 
 
 class Sweep:
@@ -267,48 +282,62 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     parser.add_argument("--no_aggregate", action="store_true", help="Skip the aggregation after the sweep.")
     args = parser.parse_args(argv)
-    try:
-        if args.parallel < 1 or args.runs_per_gpu < 1 or args.max_retries < 0:
-            raise StudyConfigError("--parallel and --runs_per_gpu must be at least 1 and --max_retries at least 0.")
-        if args.run_memory_gb is not None and args.run_memory_gb <= 0:
-            raise StudyConfigError(f"--run_memory_gb should be a positive number of GiB, not {args.run_memory_gb}.")
-        config = StudyConfig.from_yaml(args.study)
-        if args.dry_run:
-            for run in config.runs():
-                state = "finished" if is_finished(config, run) else "to run"
-                print(f"{run.name} [{state}]: {shlex.join(run_command(config, run))}")
-        sweep = Sweep(
-            config,
-            parallel=args.parallel,
-            max_retries=args.max_retries,
-            runs_per_gpu=args.runs_per_gpu,
-            run_memory_gb=args.run_memory_gb,
-        )
-        if args.dry_run:
-            print(*sweep.describe(), sep="\n")
-            return 0
-    except StudyConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with ExitStack() as held:
+        try:
+            if args.parallel < 1 or args.runs_per_gpu < 1 or args.max_retries < 0:
+                raise StudyConfigError(
+                    "--parallel and --runs_per_gpu must be at least 1 and --max_retries at least 0."
+                )
+            if args.run_memory_gb is not None and args.run_memory_gb <= 0:
+                raise StudyConfigError(
+                    f"--run_memory_gb should be a positive number of GiB, not {args.run_memory_gb}."
+                )
+            config = StudyConfig.from_yaml(args.study)
+            refused = refused_arguments(config, [run_arguments(config, run) for run in config.runs()])
+            if args.dry_run:
+                for run in config.runs():
+                    state = "finished" if is_finished(config, run) else "to run"
+                    print(f"{run.name} [{state}]: {shlex.join(run_command(config, run))}")
+            if refused is not None:
+                raise StudyConfigError(refused)
+            if not args.dry_run:
+                # The study is this sweep's until it ends, aggregation included. Taken before the memory check, which
+                # another sweep's runs would fail (a refusal leaves nothing behind: see `StudyDirectoryLock`).
+                held.enter_context(StudyDirectoryLock(config.output_dir))
+            sweep = Sweep(
+                config,
+                parallel=args.parallel,
+                max_retries=args.max_retries,
+                runs_per_gpu=args.runs_per_gpu,
+                run_memory_gb=args.run_memory_gb,
+            )
+            if args.dry_run:
+                print(*sweep.describe(), sep="\n")
+                return 0
+        except (StudyConfigError, UsageError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
 
-    # A `kill` stops the runs in flight too, as Ctrl-C does, instead of leaving them orphaned.
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        failed = sweep.run()
-    except KeyboardInterrupt:
-        print("\nInterrupted: the runs in flight were stopped; rerun the same command to continue.", file=sys.stderr)
-        return 130
-    if failed:
-        print(
-            f"error: {len(failed)} run(s) failed: {', '.join(run.name for run in failed)}. Read their logs, fix the "
-            "cause and rerun the same command: finished runs are kept.",
-            file=sys.stderr,
-        )
-        return 1
-    if not args.no_aggregate:
-        from .aggregate import aggregate_study
+        # A `kill` stops the runs in flight too, as Ctrl-C does, instead of leaving them orphaned.
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            failed = sweep.run()
+        except KeyboardInterrupt:
+            print(
+                "\nInterrupted: the runs in flight were stopped; rerun the same command to continue.", file=sys.stderr
+            )
+            return 130
+        if failed:
+            print(
+                f"error: {len(failed)} run(s) failed: {', '.join(run.name for run in failed)}. Read their logs, fix "
+                "the cause and rerun the same command: finished runs are kept.",
+                file=sys.stderr,
+            )
+            return 1
+        if not args.no_aggregate:
+            from .aggregate import aggregate_study
 
-        aggregate_study(config)
+            aggregate_study(config)
     return 0
 
 
