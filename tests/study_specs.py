@@ -33,3 +33,19 @@ def write_study(tmp_path, model_dir, glue, axes, **extra) -> Path:
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def write_script_study(tmp_path, script_source: str, args: dict, seeds) -> Path:
+    """A study whose runs are `script_source` (a stand-in for `run_glue_fw.py`), one per seed."""
+    script = tmp_path / "fake_run.py"
+    script.write_text(script_source)
+    spec = {
+        "output_dir": str(tmp_path / "out"),
+        "results_dir": str(tmp_path / "results"),
+        "script": str(script),
+        "args": args,
+        "axes": {"seed": list(seeds)},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path

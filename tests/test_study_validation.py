@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from study_specs import write_study
+from study_specs import write_script_study, write_study
 
 from fw_trainer.study import slots, validation
 from fw_trainer.study.config import StudyConfig, StudyConfigError
@@ -49,18 +49,7 @@ def error_paragraph(err: str) -> str:
 
 
 def fake_study(tmp_path: Path, sleep: float, seeds=(0, 1)) -> Path:
-    script = tmp_path / "fake_run.py"
-    script.write_text(FAKE_RUN)
-    spec = {
-        "output_dir": str(tmp_path / "out"),
-        "results_dir": str(tmp_path / "results"),
-        "script": str(script),
-        "args": {"sleep": sleep},
-        "axes": {"seed": list(seeds)},
-    }
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return write_script_study(tmp_path, FAKE_RUN, {"sleep": sleep}, seeds)
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,7 @@ import re
 
 import pytest
 import torch
-import yaml
-from study_specs import write_study
+from study_specs import write_script_study, write_study
 
 from fw_trainer.study import slots
 from fw_trainer.study.config import StudyConfigError
@@ -177,16 +176,7 @@ def most_at_once(intervals: list[tuple[float, float]]) -> int:
 def test_sweep_packs_a_gpu_once_the_first_run_measured_its_memory(peak_mb, fitting, tmp_path, fake_gpus, capsys):
     # 10 GiB free; one run counts as peak × 1.2 + 1 GiB: 2.2 GiB (3 fit), 4.6 GiB (2 fit) or 8.2 GiB (1 fits).
     fake_gpus("0", free_gb=10.0)
-    script = tmp_path / "fake_run.py"
-    script.write_text(FAKE_RUN)
-    spec = {
-        "output_dir": str(tmp_path / "out"),
-        "results_dir": str(tmp_path / "results"),
-        "script": str(script),
-        "args": {"peak_mb": peak_mb},
-        "axes": {"seed": [0, 1, 2, 3]},
-    }
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
+    write_script_study(tmp_path, FAKE_RUN, {"peak_mb": peak_mb}, [0, 1, 2, 3])
     assert main([str(tmp_path / "study.yaml"), "--parallel", "3", "--runs_per_gpu", "3", "--no_aggregate"]) == 0
 
     ran = [json.loads((tmp_path / "out" / f"seed{seed}" / "ran.json").read_text()) for seed in range(4)]
