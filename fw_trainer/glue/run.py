@@ -79,7 +79,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         # The main process holds the directory for all (the others write nothing of their own there).
         lock = OutputDirectoryLock(output_dir) if training_args.process_index == 0 else nullcontext()
         # A write that finds no room (a full disk) ends in a paragraph, not in a library's traceback.
-        with lock, reported_write_failures(output_dir):
+        with reported_write_failures(output_dir), lock:
             run(*args)
     except (*USER_FAULTS, TrainingDivergedError) as error:
         message = str(error)
