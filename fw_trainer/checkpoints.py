@@ -180,8 +180,11 @@ def _shape(tensors: dict[str, list[int]], name: str) -> str:
 
 
 def _read_trainer_state(path: str) -> Optional[dict]:
+    state_file = os.path.join(path, TRAINER_STATE_NAME)
+    if not os.path.isfile(state_file):  # not a regular file (a device would be read without end)
+        return None
     try:
-        with open(os.path.join(path, TRAINER_STATE_NAME), encoding="utf-8") as f:
+        with open(state_file, encoding="utf-8") as f:
             state = json.load(f)
     except (OSError, UnicodeDecodeError, ValueError):
         return None

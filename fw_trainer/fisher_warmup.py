@@ -239,9 +239,9 @@ class FisherWarmupCallback(TrainerCallback):
         self._setup(kwargs["model"], args)
         if self._state_to_restore is not None:
             self._apply_state(self._state_to_restore)
+        self._warn_if_plain_lora(state)
         if self.frozen or self.fw_args.fw_warmup_mode == "calibrate":
             return
-        self._warn_if_plain_lora(state)
         if state.global_step >= self.fw_args.fw_warmup_steps:
             self.freeze(args, state)
         else:
@@ -271,7 +271,7 @@ class FisherWarmupCallback(TrainerCallback):
         """At the start: a warm-up that covers the whole run, or `fw_lambda = 0`, makes FW-LoRA plain LoRA."""
         steps, warmup = state.max_steps, self.fw_args.fw_warmup_steps
         reason = None
-        if 0 < steps <= warmup:
+        if self.fw_args.fw_warmup_mode == "train" and not self.frozen and 0 < steps <= warmup:
             reason = (
                 f"its warm-up of {warmup} steps covers the whole run of {steps} optimizer steps, so the penalty never "
                 "applies. Lower `fw_warmup_steps` below the run's length, or train longer"

@@ -17,6 +17,9 @@ class TrainTimeCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self) -> None:
+        # What a checkpoint keeps (`state()`), plain attributes so that transformers can also restore them itself
+        # (`--restore_callback_states_from_checkpoint` sets each on a new instance).
+        self.saved_seconds, self.saved_segments = 0.0, 0
         self._earlier_seconds, self._earlier_segments = 0.0, 0
         self._started: Optional[float] = None
 
@@ -31,13 +34,14 @@ class TrainTimeCallback(TrainerCallback, ExportableState):
         return self._earlier_segments + (self._started is not None)
 
     def state(self) -> dict[str, Any]:
-        return {"args": {}, "attributes": {"seconds": self.seconds, "segments": self.segments}}
+        self.saved_seconds, self.saved_segments = self.seconds, self.segments
+        return {"args": {}, "attributes": {"saved_seconds": self.saved_seconds, "saved_segments": self.saved_segments}}
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        # The state of a resumed checkpoint's `trainer_state.json`, or none for a new run (a retry of
-        # `--auto_find_batch_size` starts its state again: the failed attempt's time is not training time).
-        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        # A state at step 0 is a new run (or a retry of `--auto_find_batch_size`, a trial of a search, a `train()`
+        # after a crash): nothing earlier counts. A later step is a resumed checkpoint's `trainer_state.json`.
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__) if state.global_step > 0 else None
         attributes = saved.get("attributes", {}) if isinstance(saved, dict) else {}
-        self._earlier_seconds = float(attributes.get("seconds", 0.0))
-        self._earlier_segments = int(attributes.get("segments", 0))
+        self._earlier_seconds = float(attributes.get("saved_seconds", 0.0))
+        self._earlier_segments = int(attributes.get("saved_segments", 0))
         self._started = time.perf_counter()

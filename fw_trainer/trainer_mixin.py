@@ -104,8 +104,7 @@ class FWLoraTrainerMixin:
         self._checked_checkpoint: Optional[str] = None  # the checkpoint `check_resume` accepted last
         self._compiled_penalty: Optional[tuple[FisherWeightedPenalty, Any]] = None  # under --torch_compile
 
-        self.train_time = TrainTimeCallback()
-        self.add_callback(self.train_time)
+        self.add_callback(TrainTimeCallback())
         self.fisher_callback: Optional[FisherWarmupCallback] = None
         self.adalora_callback: Optional[AdaLoraAllocationCallback] = None
         self._add_method_callbacks()
@@ -185,8 +184,11 @@ class FWLoraTrainerMixin:
             if self.fisher_callback is not None:
                 self.fisher_callback.stop()
             raise
-        # The run's training time over all its segments, beside the Trainer's `train_runtime` (this call's).
-        output.metrics.update(train_runtime_total=self.train_time.seconds, train_segments=self.train_time.segments)
+        self._checked_checkpoint = None  # checked for this `train()`; another resume is checked again
+        # The run's training time over all its segments, beside the Trainer's `train_runtime` (this call's); the live
+        # instance, which `--restore_callback_states_from_checkpoint` may have replaced.
+        timer = next(cb for cb in self.callback_handler.callbacks if isinstance(cb, TrainTimeCallback))
+        output.metrics.update(train_runtime_total=timer.seconds, train_segments=timer.segments)
         return output
 
     def check_training_data(self) -> None:

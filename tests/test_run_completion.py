@@ -12,7 +12,13 @@ from conftest import TokenDataset, lora_model, training_args
 from tiny_glue_runs import common, glue_dir, read_json, run, tiny_model_dir  # noqa: F401 (fixtures)
 
 from fw_trainer import CheckpointError, FWLoraTrainer, last_complete_checkpoint
-from fw_trainer.glue.completion import RUN_COMPLETE_FILE, completion_problem, is_finished_run
+from fw_trainer.glue.completion import (
+    RUN_COMPLETE_FILE,
+    completion_problem,
+    invalidate_completion,
+    is_finished_run,
+    write_completion,
+)
 from fw_trainer.study.aggregate import load_finished_runs
 from fw_trainer.study.config import StudyConfig, StudyConfigError
 from fw_trainer.study.run_metrics import METRICS_FILE
@@ -83,7 +89,7 @@ def test_the_study_counts_only_finished_runs_and_names_damaged_metrics(finished,
     (killed / RUN_COMPLETE_FILE).unlink()
     assert [run["run_dir"] for run in load_finished_runs(config)] == [str(whole)]
     (whole / METRICS_FILE).write_text('{"final_metric": 0.')
-    with pytest.raises(StudyConfigError, match=f"{whole / METRICS_FILE} is missing or damaged although its run"):
+    with pytest.raises(StudyConfigError, match=f"{whole / METRICS_FILE} is damaged although its run"):
         load_finished_runs(config)
 
 
@@ -114,3 +120,27 @@ def test_a_resumed_run_reports_the_train_time_of_all_its_segments(tmp_path):
     assert metrics["train_runtime_total"] > metrics["train_runtime"]
     straight = make_trainer(tmp_path / "straight").train().metrics
     assert straight["train_segments"] == 1
+
+
+def test_the_record_lists_the_runs_own_files_only(finished, tmp_path):
+    """The sweep's `metrics.json` (written after the run) and a user's notes may change without unfinishing it; a
+    resume starts by removing the record, so a run cut short after that is not taken for the finished one."""
+    out = shutil.copytree(finished, tmp_path / "run")
+    (out / METRICS_FILE).write_text("{}")
+    (out / "notes.txt").write_text("first try")
+    write_completion(str(out), ["train", "eval"])
+    assert not {METRICS_FILE, "notes.txt"} & set(read_json(out / RUN_COMPLETE_FILE)["files"])
+    (out / METRICS_FILE).write_text('{"final_metric": 0.5}')
+    (out / "notes.txt").write_text("second try")
+    assert is_finished_run(str(out))
+    invalidate_completion(str(out))
+    assert not is_finished_run(str(out))
+
+
+def test_train_time_survives_transformers_own_restore_of_callback_states(tmp_path):
+    """`--restore_callback_states_from_checkpoint` sets the saved attributes on a new instance: they must be plain
+    attributes, and the trainer must read the live instance."""
+    make_trainer(tmp_path / "run", max_steps=2).train()
+    resumed = make_trainer(tmp_path / "run", restore_callback_states_from_checkpoint=True)
+    metrics = resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2")).metrics
+    assert metrics["train_segments"] == 2

@@ -19,7 +19,7 @@ from tiny_glue_runs import glue_dir, read_json, run, tiny_model_dir  # noqa: F40
 
 from fw_trainer.glue.completion import completion_problem
 from fw_trainer.glue.run import DIVERGED_EXIT_STATUS
-from fw_trainer.glue.run_directory import LOCK_FILE
+from fw_trainer.glue.run_files import LOCK_FILE
 from fw_trainer.state_files import IMPORTANCE_FILE
 from fw_trainer.study.run_metrics import read_run_artifacts
 

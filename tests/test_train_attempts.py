@@ -57,13 +57,14 @@ def test_the_out_of_memory_retry_of_auto_find_batch_size_measures_from_a_clean_e
     failed before: F mixed the failed attempt's steps with the retry's."""
     oom = DiesOnce(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     trainer = trainer_for(tmp_path, "retried", [oom], auto_find_batch_size=True)
-    trainer.train()
+    output = trainer.train()
     assert oom.fired and trainer.state.train_batch_size == 7  # the retry ran, with int(0.9 × 8)
     reference = trainer_for(tmp_path, "clean", per_device_train_batch_size=7)
     reference.train()
     fisher, updates = measured(trainer)
     assert updates == K
     torch.testing.assert_close(fisher, measured(reference)[0], rtol=1e-6, atol=0)
+    assert output.metrics["train_segments"] == 1  # the failed attempt is not a segment of the run
 
 
 @pytest.mark.parametrize(

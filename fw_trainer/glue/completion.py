@@ -6,20 +6,22 @@ file it lists is still as recorded ([`completion_problem`]); the script, its res
 aggregation all ask [`is_finished_run`], never whether some file exists.
 """
 
+import fnmatch
 import hashlib
 import json
 import os
 from typing import Optional
 
 from ..state_files import write_json_atomic
+from .run_files import RUN_OUTPUTS
 
 
 RUN_COMPLETE_FILE = "run_complete.json"
+# The phases a run can be asked for, by their `TrainingArguments` switch: what the record lists.
+PHASES = {"train": "do_train", "eval": "do_eval", "predict": "do_predict"}
 # Files larger than this (a fully fine-tuned model) are recorded by size only: hashing them at every sweep start would
 # cost seconds per run, and a truncated one changes size anyway.
 _HASHED_UP_TO = 64 * 2**20
-# Not part of the run: the lock of the process that looks, and the temporary files of atomic writes.
-_NOT_RECORDED = ("fw_run.lock", ".tmp-")
 
 
 def _fingerprint(path: str) -> dict:
@@ -33,15 +35,27 @@ def _fingerprint(path: str) -> dict:
 def write_completion(output_dir: str, phases: list[str]) -> None:
     """Records the run in `output_dir` as finished: the `phases` it ran and every file it left there (not the
     subdirectories: checkpoints and TensorBoard events are not results). Written atomically, as the run's last file."""
+    # The run's own files only: not the lock, temporary files, the sweep's `metrics.json` or a user's notes, which may
+    # change afterwards without making the run any less finished.
     files = sorted(
         name
         for name in os.listdir(output_dir)
         if os.path.isfile(os.path.join(output_dir, name))
-        and not name.startswith(_NOT_RECORDED)
+        and any(fnmatch.fnmatch(name, pattern) for pattern in RUN_OUTPUTS)
         and name != RUN_COMPLETE_FILE
+        and not name.startswith(".tmp-")
     )
     record = {"phases": phases, "files": {name: _fingerprint(os.path.join(output_dir, name)) for name in files}}
     write_json_atomic(os.path.join(output_dir, RUN_COMPLETE_FILE), record)
+
+
+def invalidate_completion(output_dir: str) -> None:
+    """Removes the completion record before a run writes into `output_dir` (a resume of a finished run, say): a run
+    killed after that is not taken for the finished one whose record it would otherwise inherit."""
+    try:
+        os.remove(os.path.join(output_dir, RUN_COMPLETE_FILE))
+    except FileNotFoundError:
+        pass
 
 
 def completion_problem(output_dir: str) -> Optional[str]:

@@ -52,7 +52,7 @@ def load_raw_datasets(model_args: ModelArguments, data_args: DataTrainingArgumen
     for split, path in data_files.items():
         if not os.path.isfile(path):
             raise UsageError(f"The {split} file {path} does not exist.")
-        with open(path) as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             lines = [line for line in itertools.islice(f, 2) if line.strip()]
         if len(lines) < (2 if builder == "csv" else 1):  # a csv's first line is its header
             found = "is empty" if not lines else "has no rows, only a header"

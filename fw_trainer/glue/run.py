@@ -28,7 +28,7 @@ from ..model_builder import build_peft_model
 from ..run_environment import write_run_environment
 from ..trainer import FWLoraTrainer
 from .arguments import DataTrainingArguments, ModelArguments, ScriptArguments, padding_multiple, parse_args, run_data
-from .completion import write_completion
+from .completion import PHASES, invalidate_completion, write_completion
 from .divergence import TrainingDivergedError, divergence_advice, metrics_divergence, training_divergence
 from .hpo import run_hyperparameter_search
 from .logging_setup import setup_logging
@@ -51,8 +51,6 @@ from .write_failures import reported_write_failures
 logger = logging.getLogger(__name__)
 
 RELABELLED = "label_id"
-# The phases a run can be asked for, by their `TrainingArguments` switch: what `run_complete.json` lists.
-PHASES = {"train": "do_train", "eval": "do_eval", "predict": "do_predict"}
 # The exit status of a run that diverged (2 is bad input): a sweep does not retry it.
 DIVERGED_EXIT_STATUS = 3
 
@@ -273,6 +271,7 @@ def run(
             trainer.check_resume(checkpoint, weights_only=script_args.resume_weights_only)
         check_training_setup(trainer)
     if training_args.should_save:
+        invalidate_completion(training_args.output_dir)  # the first write: a run cut short from here is not finished
         write_adapter_summary(training_args.output_dir, summary)
     advice = divergence_advice(training_args.learning_rate, training_args.max_grad_norm, training_args.fp16)
 

@@ -13,7 +13,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from ..adapted_matrices import delta_weight_norms
 from ..state_files import write_json_atomic
-from .run_directory import ALL_RESULTS_FILE as ALL_RESULTS_FILE  # the files a finished run holds, together
+from .run_files import ALL_RESULTS_FILE as ALL_RESULTS_FILE  # the files a finished run holds, together
 
 
 if TYPE_CHECKING:

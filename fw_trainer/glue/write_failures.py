@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Optional
 
+from ..checkpoints import last_complete_checkpoint
 from ..errors import UsageError
 
 
@@ -19,6 +20,8 @@ NO_ROOM = {
 }
 # torch's serialisation reports a failed write in its own words, without an errno.
 _TORCH_WRITE_FAILURES = ("basic_ios::clear", "PytorchStreamWriter failed writing", "unexpected pos")
+# safetensors' serialisation error for a full disk, quota or file-size limit.
+_STORAGE_FULL = ("StorageFull", "QuotaExceeded", "FileTooLarge", "No space left on device")
 # Below this much free space, a failed torch write is taken to be the full disk.
 _NEARLY_FULL_BYTES = 16 * 2**20
 
@@ -33,6 +36,8 @@ def write_failure(error: BaseException, output_dir: str) -> Optional[UsageError]
     """
     if isinstance(error, OSError) and error.errno in NO_ROOM:
         cause = f"{NO_ROOM[error.errno]} ({error.strerror}{f': {error.filename}' if error.filename else ''})"
+    elif any(text in str(error) for text in _STORAGE_FULL):  # safetensors (Rust) words it its own way
+        cause = f"the disk is full ({' '.join(str(error).split())[:160]})"
     elif isinstance(error, RuntimeError) and any(text in str(error) for text in _TORCH_WRITE_FAILURES):
         free = _free_bytes(output_dir)
         if free is None or free >= _NEARLY_FULL_BYTES:
@@ -40,10 +45,16 @@ def write_failure(error: BaseException, output_dir: str) -> Optional[UsageError]
         cause = f"the disk is full ({free / 2**20:.1f} MiB free; torch: {str(error).strip()[:120]})"
     else:
         return None
+    last = last_complete_checkpoint(output_dir)
+    then = (
+        f"run the same command again: it resumes from its last complete checkpoint ({last}), passing over one whose "
+        "save was cut off"
+        if last is not None
+        else "start it again with --overwrite_output_dir: it saved no complete checkpoint to resume from"
+    )
     return UsageError(
-        f"The run could not write its files in {output_dir}: {cause}. Its earlier checkpoints are intact. Free space "
-        "there (or choose another --output_dir) and run the same command again: it resumes from its last complete "
-        "checkpoint, passing over one whose save was cut off."
+        f"The run could not write its files in {output_dir}: {cause}. Free space there (or choose another "
+        f"--output_dir) and {then}."
     )
 
 

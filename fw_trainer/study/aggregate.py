@@ -53,9 +53,11 @@ def load_finished_runs(config: StudyConfig) -> list[dict]:
         if not is_finished_run(run_dir):
             continue
         metrics = read_run_metrics(run_dir)
+        if metrics is None and not os.path.exists(os.path.join(run_dir, METRICS_FILE)):
+            continue  # finished a moment ago: the sweep writes its metrics.json next
         if metrics is None:
             raise StudyConfigError(
-                f"{os.path.join(run_dir, METRICS_FILE)} is missing or damaged although its run finished: rerun the "
+                f"{os.path.join(run_dir, METRICS_FILE)} is damaged although its run finished: rerun the "
                 f"sweep (`python -m fw_trainer.study.sweep {config.path}`), which rewrites it from the run's files "
                 "without training again."
             )

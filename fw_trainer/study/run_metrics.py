@@ -60,6 +60,10 @@ def collect_run_metrics(run_dir: str, task_name: Optional[str], extra: Optional[
         raise FileNotFoundError(f"{run_dir} is not a finished run: {unfinished}.")
     artifacts = read_run_artifacts(run_dir)
     results = artifacts["all_results"]
+    if results is None:  # a finished search, a predict-only run, a study `script` that writes no results
+        raise FileNotFoundError(
+            f"{run_dir} is finished but holds no {ALL_RESULTS_FILE}: it has no results to collect."
+        )
     state = artifacts["trainer_state"] or {"log_history": []}
     metric = primary_metric(task_name, results)
     key = f"eval_{metric}"

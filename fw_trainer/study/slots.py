@@ -153,7 +153,7 @@ def measured_peak_gb(run_dirs: list[str]) -> Optional[float]:
     peaks = []
     for directory in run_dirs:
         try:
-            with open(os.path.join(directory, METRICS_FILE)) as f:
+            with open(os.path.join(directory, METRICS_FILE), encoding="utf-8") as f:
                 metrics = json.load(f)
         except (OSError, ValueError):
             continue

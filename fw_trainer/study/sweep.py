@@ -219,7 +219,7 @@ class Sweep:
             command = run_command(self.config, run)
             log = log_path(self.config, run)
             os.makedirs(os.path.dirname(log), exist_ok=True)
-            with open(log, "a") as log_file:
+            with open(log, "a", encoding="utf-8") as log_file:
                 log_file.write(
                     f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} code {self.code} {shlex.join(command)}\n"
                 )
@@ -235,7 +235,13 @@ class Sweep:
                 return returncode
         task_name = run.args.get("task_name")
         extra = {"run": run.name, "labels": run.labels, "args": run.args, "code": self.code}
-        write_json_atomic(os.path.join(output_dir, METRICS_FILE), collect_run_metrics(output_dir, task_name, extra))
+        try:
+            metrics = collect_run_metrics(output_dir, task_name, extra)
+        except FileNotFoundError as error:  # finished, but with no results to collect: a failed run, said in its log
+            with open(log_path(self.config, run), "a", encoding="utf-8") as log_file:
+                log_file.write(f"\n===== no metrics: {error}\n")
+            return 1
+        write_json_atomic(os.path.join(output_dir, METRICS_FILE), metrics)
         return 0
 
     def terminate(self) -> None:
