@@ -8,6 +8,7 @@ import json
 import random
 
 import pytest
+from test_run_glue_fw_faults import error_paragraph
 from tiny_glue_runs import common, run, sentence, tiny_model_dir, write_csv  # noqa: F401
 
 
@@ -24,15 +25,6 @@ def write_json(path, records) -> None:
 
 def records(rows) -> list[dict]:
     return [{"sentence": text, "label": label} for text, label in rows]
-
-
-def error_paragraph(stderr: str) -> str:
-    """The `error:` paragraph, after asserting that it is the only one, on one line, with no traceback."""
-    assert "Traceback" not in stderr
-    assert stderr.startswith("error: ") or "\nerror: " in stderr, stderr
-    error = stderr.split("\nerror: ")[-1] if "\nerror: " in stderr else stderr.removeprefix("error: ")
-    assert len(error.strip().splitlines()) == 1, error
-    return error
 
 
 def csv_files(tmp_path, train=None, dev=None, columns=("sentence", "label")):
