@@ -65,6 +65,7 @@ DOMAINS = {
     "fw_ema_decay": Domain("in (0, 1)", 0, 1, low_open=True, high_open=True),
     "fw_power": Domain("greater than or equal to 0", 0),
     "fw_shuffle_seed": Domain("an integer in [0, 2**63)", 0, 2**63, high_open=True, integer=True),
+    "fw_exempt_top": Domain("a non-negative integer", 0, integer=True),
 }
 
 
@@ -147,6 +148,13 @@ class FWLoraArguments:
             weights are computed, so that the penalty has FW-LoRA's distribution of weights, assigned at random. Works
             with either normalisation; recorded in `fw_importance.json` (whose `importance` entries are then the
             permuted ones, `fisher` the measured ones).
+        fw_exempt_top (`int`, *optional*, defaults to `0`):
+            A control: the `k` adapted matrices with the largest measured `F` get penalty weight 0 (they are not
+            penalised), whatever their other weight; ties go to the first matrix in model order. With `fw_power=0`
+            every other matrix keeps weight 1: the "top-k exempt" control, which separates "one matrix left free" from
+            a graded Fisher weighting (with `max` normalisation FW-LoRA itself gives its top matrix weight 0). Must be
+            smaller than the number of adapted matrices; cannot be combined with `fw_shuffle_seed`. Recorded in
+            `fw_importance.json` (`exempt_top`, and each matrix's `penalty_weight`).
         fw_normalization (`str`, *optional*, defaults to `"sum"`):
             `"sum"`: `I = F / ΣF` (the paper's); `"max"`: `I = F / max F`, which spreads the weights over [0, 1].
         fw_penalty (`str`, *optional*, defaults to `"delta"`):
@@ -247,6 +255,13 @@ class FWLoraArguments:
             "computed (the same weights, assigned at random). Default: no permutation."
         },
     )
+    fw_exempt_top: int = field(
+        default=0,
+        metadata={
+            "help": "A control: the k matrices with the largest measured F get penalty weight 0 (unpenalised); with "
+            "--fw_power 0 the others keep weight 1 (the top-k exempt control). Default 0: none exempt."
+        },
+    )
     fw_normalization: str = field(
         default="sum",
         metadata={
@@ -283,6 +298,12 @@ class FWLoraArguments:
             self.lora_target_modules = [self.lora_target_modules]
         if self.lora_target_modules is not None and len(self.lora_target_modules) == 0:
             raise ValueError("`lora_target_modules` should name at least one module, but an empty list was passed.")
+        if self.fw_exempt_top and self.fw_shuffle_seed is not None:
+            raise ValueError(
+                "`fw_exempt_top` and `fw_shuffle_seed` are two controls of one question (are the weights on the right "
+                "matrices?) and together would exempt a matrix by its measured F while assigning the other weights "
+                "at random: a run that answers neither. Pass one of them."
+            )
         self._check_lora_variant()
 
     def _check_lora_variant(self) -> None:

@@ -16,7 +16,7 @@ from .arguments import FWLoraArguments
 from .compilation import compile_backend
 from .errors import CheckpointError, WarmupDivergedError
 from .fisher_estimator import FisherEstimator
-from .importance import normalize_importances, penalty_weights, shuffled
+from .importance import exempt_largest, normalize_importances, penalty_weights, shuffled
 from .importance_file import IMPORTANCE_SCHEMA, RECORDED_OPTIONS, format_importance_table, state_problem
 from .penalty import FisherWeightedPenalty
 from .state_files import (
@@ -101,10 +101,11 @@ class FisherWarmupCallback(TrainerCallback):
 
     @property
     def penalty_weights(self) -> torch.Tensor:
-        """`(1 − I_m)^β` for every adapted matrix, once frozen."""
+        """`(1 − I_m)^β` for every adapted matrix, once frozen; 0 for the `fw_exempt_top` matrices of largest F."""
         if not self.frozen:
             raise RuntimeError("The importances are not frozen yet: the Fisher warm-up is still running.")
-        return penalty_weights(self.importances, self.fw_args.fw_power)
+        weights = penalty_weights(self.importances, self.fw_args.fw_power)
+        return exempt_largest(weights, self.fisher.to(weights.device), self.fw_args.fw_exempt_top)
 
     @property
     def penalty(self) -> Optional[FisherWeightedPenalty]:

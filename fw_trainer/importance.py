@@ -85,6 +85,22 @@ def penalty_weights(importances: torch.Tensor, power: float = default_of("fw_pow
     return (1.0 - importances).pow(power)
 
 
+def exempt_largest(weights: torch.Tensor, fisher: torch.Tensor, count: int) -> torch.Tensor:
+    """
+    The penalty weights with weight 0 on the `count` matrices of largest measured Fisher proxy `F` (the top-k exempt
+    control); ties go to the first matrix in model order. No host synchronisation.
+
+    Args:
+        weights (`torch.Tensor`): Penalty weights, shape `(M,)`.
+        fisher (`torch.Tensor`): The measured (unpermuted) Fisher proxies, shape `(M,)`, on the device of `weights`.
+        count (`int`): How many matrices to exempt, `0 <= count < M`.
+    """
+    if count == 0:
+        return weights
+    largest = torch.argsort(fisher, descending=True, stable=True)[:count]
+    return weights.index_fill(0, largest, 0.0)
+
+
 def shuffled(importances: torch.Tensor, seed: int) -> torch.Tensor:
     """The importances permuted across matrices by a generator seeded with `seed` (on the CPU, so that the permutation
     is the same on every device): the shuffled control, the same values assigned at random."""

@@ -3,7 +3,7 @@ and its importance table."""
 
 from typing import Optional
 
-from .state_files import NON_NEGATIVE, STEP_COUNT, MappingOf, nullable
+from .state_files import COUNT, NON_NEGATIVE, STEP_COUNT, MappingOf, nullable
 
 
 # `fw_importance.json` ([`FisherWarmupCallback.state_dict`]).
@@ -27,6 +27,7 @@ RECORDED_OPTIONS = {
     "fw_average": str,
     "fw_power": NON_NEGATIVE,
     "fw_shuffle_seed": nullable(int),
+    "fw_exempt_top": COUNT,
 }
 IMPORTANCE_SCHEMA = {
     "frozen": bool,

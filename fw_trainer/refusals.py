@@ -16,14 +16,20 @@ from .errors import UsageError
 def refuse_untrainable_model(model: nn.Module, fw_args: FWLoraArguments, fsdp: bool, deepspeed: bool) -> None:
     """
     A LoRA method needs one active LoRA adapter; FW-LoRA and IW-LoRA also need one that they measure and penalise
-    exactly ([`find_adapted_matrices`]), and an engine that leaves the gradients in `.grad` (not FSDP or DeepSpeed
-    through the Trainer).
+    exactly ([`find_adapted_matrices`]), with more matrices than `fw_exempt_top` exempts, and an engine that leaves
+    the gradients in `.grad` (not FSDP or DeepSpeed through the Trainer).
 
     Raises:
         `UsageError`: Saying what is wrong and what to do.
     """
     if fw_args.uses_fisher_weights:
-        find_adapted_matrices(model)
+        num_matrices = len(find_adapted_matrices(model))
+        if fw_args.fw_exempt_top >= num_matrices:
+            raise UsageError(
+                f"--fw_exempt_top {fw_args.fw_exempt_top} would leave every one of the model's {num_matrices} adapted "
+                "matrices unpenalised: the run would be plain LoRA, not a control. Exempt fewer matrices than "
+                f"that (at most {num_matrices - 1}), or train with --method lora."
+            )
         if fsdp or deepspeed:
             engine = "FSDP" if fsdp else "DeepSpeed"
             raise UsageError(

@@ -76,6 +76,7 @@ def _is_number(value: Any, integer: bool = False) -> bool:
 
 NON_NEGATIVE = Check(lambda value: _is_number(value) and value >= 0, "a finite non-negative number")
 STEP_COUNT = Check(lambda value: _is_number(value, integer=True) and value >= 0, "a step count")
+COUNT = Check(lambda value: _is_number(value, integer=True) and value >= 0, "a non-negative integer")
 OBJECT_SCHEMA = Check(lambda value: isinstance(value, dict), "a mapping")
 
 

@@ -36,6 +36,7 @@ FW_FIELDS = [
     "fw_ema_decay",
     "fw_power",
     "fw_shuffle_seed",
+    "fw_exempt_top",
     "fw_normalization",
     "fw_penalty",
 ]
@@ -181,7 +182,7 @@ def test_arguments_of_another_run_are_refused(change, expected, checkpoint, tmp_
     differing = {name for name, saved, asked in error.value.differences if saved is not ABSENT and asked is not ABSENT}
     assert differing == expected
     if method == "lora":  # FW-LoRA's own arguments are named in one list, not one by one
-        assert "only the checkpoint has fw_lambda, fw_warmup_steps, fw_warmup_mode and 8 more" in str(error.value)
+        assert "only the checkpoint has fw_lambda, fw_warmup_steps, fw_warmup_mode and 9 more" in str(error.value)
 
 
 def test_what_may_change_on_resume(checkpoint, tmp_path, caplog):

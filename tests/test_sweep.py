@@ -60,10 +60,41 @@ def test_grid_expansion_and_run_names(tmp_path):
     assert cola.group == (("task", "cola"), ("lora_alpha", "16"))
 
 
+def test_a_reference_takes_the_value_of_the_runs_own_argument(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": "o",
+                "results_dir": "r",
+                "axes": {
+                    "method": {
+                        "fisher_max": {"method": "fw_lora", "fw_normalization": "max"},
+                        "shuffled_max": {"method": "fw_lora", "fw_normalization": "max", "fw_shuffle_seed": "${seed}"},
+                    },
+                    "seed": [5, 6],
+                },
+            }
+        )
+    )
+    runs = {run.name: run.args for run in StudyConfig.from_yaml(str(path)).runs()}
+    assert runs["shuffled_max/seed5"]["fw_shuffle_seed"] == 5
+    assert runs["shuffled_max/seed6"]["fw_shuffle_seed"] == 6
+    assert "fw_shuffle_seed" not in runs["fisher_max/seed5"]
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [
         ({"results_dir": "r", "axes": {"seed": [0]}}, "has no `output_dir`"),
+        (
+            {"output_dir": "o", "results_dir": "r", "axes": {"seed": [0]}, "args": {"fw_shuffle_seed": "${sed}"}},
+            "refers to `sed`, which is not an argument of this run",
+        ),
+        (
+            {"output_dir": "o", "results_dir": "r", "axes": {"seed": [0]}, "args": {"a": "${b}", "b": "${seed}"}},
+            "refers to `b`, which is itself a reference",
+        ),
         ({"output_dir": "o", "results_dir": "r", "axes": {"seed": []}}, "non-empty list"),
         ({"output_dir": "o", "results_dir": "r", "axes": {"m": {"a": 1}}}, "should be a mapping of arguments"),
         ({"output_dir": "o", "results_dir": "r", "axes": {"seed": [0]}, "args": {"output_dir": "x"}}, "set per run"),

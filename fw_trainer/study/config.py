@@ -14,6 +14,7 @@ axes:                                       # the grid, outermost first
   method:
     lora: {method: lora}
     fw_lora_max: {method: fw_lora, fw_normalization: max}
+    shuffled: {method: fw_lora, fw_shuffle_seed: "${seed}"}   # `${name}`: the value of the run's argument `name`
   seed: [0, 1, 2]                           # plain values of the argument named like the axis
 comparisons:                                # significance tests along one axis, paired over the seed axis
   axis: method
@@ -23,6 +24,7 @@ comparisons:                                # significance tests along one axis,
 
 import itertools
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -30,6 +32,9 @@ import yaml
 
 
 SEED_AXIS = "seed"
+# A value that is the whole string `${name}` takes the value of the run's argument `name` (e.g. a control's permutation
+# seed tied to the training seed, so that each seed draws its own permutation rather than all sharing one).
+_REFERENCE = re.compile(r"^\$\{(\w+)\}$")
 
 
 class StudyConfigError(ValueError):
@@ -185,6 +190,7 @@ class StudyConfig:
                         f"{self.path}: comparison {list(pair)} should name two of {list(labels)} "
                         f"(the labels of axis {self.comparison_axis!r})."
                     )
+        self.runs()  # every `${name}` reference resolves
 
     def runs(self) -> list[StudyRun]:
         """Every cell of the grid, the last axis varying fastest."""
@@ -194,8 +200,26 @@ class StudyConfig:
             for _, variant_args in combination:
                 args.update(variant_args)
             labels = {axis: label for axis, (label, _) in zip(self.axes, combination)}
-            runs.append(StudyRun(labels, args))
+            runs.append(StudyRun(labels, self._resolve_references(args, labels)))
         return runs
+
+    def _resolve_references(self, args: dict[str, Any], labels: dict[str, str]) -> dict[str, Any]:
+        """`args` with each `${name}` value replaced by the value of the argument `name` (itself not a reference)."""
+        resolved = dict(args)
+        for key, value in args.items():
+            match = _REFERENCE.match(value) if isinstance(value, str) else None
+            if match is None:
+                continue
+            name = match.group(1)
+            if name not in args or (isinstance(args[name], str) and _REFERENCE.match(args[name])):
+                problem = "is not an argument of this run" if name not in args else "is itself a reference"
+                raise StudyConfigError(
+                    f"{self.path}: `{key}: {value}` of run {StudyRun(labels, {}).name} refers to `{name}`, which "
+                    f"{problem}; a `${{name}}` value takes the value of another argument the run has (e.g. "
+                    "`${seed}`). Name one of them, or give the value itself."
+                )
+            resolved[key] = args[name]
+        return resolved
 
 
 def _axis_variants(path: str, axis: str, values: Any) -> dict[str, dict[str, Any]]:
