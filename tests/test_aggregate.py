@@ -13,7 +13,7 @@ from fw_trainer.study.aggregate import aggregate_study, main
 from fw_trainer.study.capacity import capacity_comparisons
 from fw_trainer.study.comparisons import significance_tests
 from fw_trainer.study.config import StudyConfig
-from fw_trainer.study.figures import FROZEN_MARK_LABEL, training_curves_figure
+from fw_trainer.study.figures import FROZEN_MARK_LABEL, train_time_figure, training_curves_figure
 from fw_trainer.study.run_metrics import METRICS_FILE, collect_run_metrics
 from fw_trainer.study.statistics import minimum_detectable_difference
 
@@ -178,6 +178,56 @@ def test_aggregated_metrics_and_significance_by_hand(study, tmp_path):
         with open(path, "rb") as f:
             assert len(f.read()) > 1000
     assert (results / "runs" / "fw" / "seed0" / METRICS_FILE).is_file()
+
+
+def test_disturbed_runs_are_left_out_of_the_cost_and_marked(study, tmp_path):
+    """Train times 100 + 10 · seed (+5 for fw); fw's seed 2 shared the machine with a test run."""
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "disturbed_runs.yaml").write_text('fw/seed2: "the test suite, 18:17-18:22"\n')
+    aggregate_study(study)
+    groups = {g["name"]: g for g in json.loads((results / "aggregated_metrics.json").read_text())["groups"]}
+    fw, lora = groups["fw"]["train_time"], groups["lora"]["train_time"]
+    assert [(run["seed"], run["seconds"], run["disturbed"]) for run in fw["per_run"]] == [
+        ("0", 105.0, False),
+        ("1", 115.0, False),
+        ("2", 125.0, True),
+    ]
+    assert fw["undisturbed"] == {"n": 2, "min": 105.0, "median": 110.0, "max": 115.0}
+    assert lora["undisturbed"] == {"n": 3, "min": 100.0, "median": 110.0, "max": 120.0}
+    table = (results / "results.md").read_text()
+    assert "| 105–115 (2 of 3) |" in table and "| 100–120 (3 of 3) |" in table
+    assert "1 run(s) marked disturbed in disturbed_runs.yaml" in table
+    # The dev metric still counts every run: a machine's load changes a run's time, not what it computes.
+    assert groups["fw"]["final"] == FINAL["fw"]
+
+
+def test_the_train_time_figure_draws_disturbed_runs_apart():
+    figure = train_time_figure({"sst2": {"lora": ([100.0, 120.0], []), "fw": ([105.0, 115.0], [125.0])}})
+    (ax,) = figure.axes
+    crosses = [c for c in ax.collections if c.get_offsets().shape[0] and c.get_paths() and c.get_facecolor().size]
+    red = [c for c in crosses if tuple(c.get_facecolor()[0][:3]) == (1.0, 0.0, 0.0)]
+    assert len(red) == 1 and red[0].get_offsets().tolist() == [[1.25, 125.0]]
+    ranges = [c for c in ax.collections if type(c).__name__ == "LineCollection" and c.get_linewidth()[0] == 6]
+    assert [segment.tolist() for c in ranges for segment in c.get_segments()] == [
+        [[0.0, 100.0], [0.0, 120.0]],
+        [[1.0, 105.0], [1.0, 115.0]],
+    ]
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ('fw/seed9: "tests"\n', "names run(s) that"),
+        ("fw/seed0: 3\n", "should map each disturbed run's name to what disturbed it"),
+        ("- fw/seed0\n", "should map each disturbed run's name to what disturbed it"),
+    ],
+)
+def test_a_wrong_disturbed_runs_record_is_an_error(study, tmp_path, capsys, record, message):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "disturbed_runs.yaml").write_text(record)
+    assert main([study.path, "--no_figures"]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_partial_study_is_marked_and_an_empty_one_is_an_error(study, tmp_path, capsys):

@@ -4,13 +4,16 @@ Aggregates a finished (or partly finished) study into the artefacts of a paper, 
 - `runs/<run>/metrics.json` and `eval_predictions_*.tsv`: each run's summary and dev predictions (copied);
 - `runs/<run>/confusion_matrix.{png,pdf}` and `curves.{png,pdf}`: per-run figures;
 - `aggregated_metrics.json`: per group (every axis but the seed) mean, std and 95 % CI of the final and best dev
-  metric, train time and peak memory; the capacity correlations per run and per cell (`fw_trainer.study.capacity`);
+  metric, train time and peak memory, and the train time of each run with the range of the undisturbed ones (the runs
+  `disturbed_runs.yaml` names are left out of it: `fw_trainer.study.disturbed_runs`); the capacity correlations per
+  run and per cell (`fw_trainer.study.capacity`);
 - `significance_tests.json`: the study's comparisons (`fw_trainer.study.comparisons`), paired over seeds (t-test and
   Wilcoxon with Holm-adjusted p-values, t and bootstrap intervals of the difference, the smallest detectable
   difference) and per seed (McNemar);
 - `results.md`: all three as Markdown tables (with each cell's adapter file size and the hardware, for runs that
   recorded them);
-- `figures/`: dev metric bars with 95 % intervals and the seeds, train time and peak memory, the dose-response of a
+- `figures/`: dev metric bars with 95 % intervals and the seeds, train time (each run, disturbed ones marked, the
+  range of the undisturbed ones) and peak memory, the dose-response of a
   study that varies λ, the capacity correlations, importance and `‖ΔW‖_F` heatmaps per method.
 
     python -m fw_trainer.study.aggregate configs/studies/cpu_minilm.yaml
@@ -30,6 +33,7 @@ from ..state_files import write_json_atomic
 from .capacity import capacity_comparisons, capacity_correlations, summarize_capacity
 from .comparisons import significance_tests
 from .config import SEED_AXIS, StudyConfig, StudyConfigError
+from .disturbed_runs import DISTURBED_RUNS_FILE, format_train_time, read_disturbed_runs, train_time_record
 from .report_figures import run_figures, study_figures
 from .run_metrics import METRICS_FILE, group_key, group_name, read_run_metrics
 from .statistics import summarize
@@ -65,13 +69,15 @@ def load_finished_runs(config: StudyConfig) -> list[dict]:
     return runs
 
 
-def aggregate_groups(runs: list[dict]) -> list[dict]:
+def aggregate_groups(runs: list[dict], disturbed: Optional[dict[str, str]] = None) -> list[dict]:
     """
-    One entry per group of runs that differ only in their seed.
+    One entry per group of runs that differ only in their seed; `disturbed` names the runs whose train time other work
+    inflated ([`read_disturbed_runs`]).
 
     Returns:
         `list[dict]`: `group` (axis → label), `name`, `metric_name`, `seeds`, per-seed `final` and `best` values and,
-        from [`summarize`], `final_metric`, `best_metric`, `train_runtime` and `train_peak_memory_mb` summaries, plus
+        from [`summarize`], `final_metric`, `best_metric`, `train_runtime` and `train_peak_memory_mb` summaries,
+        `train_time` ([`train_time_record`]: each run's, and the range of the undisturbed ones), plus
         `adapter_params`; where its runs recorded them (`run_environment.json`), `adapter_file_bytes` and `hardware`
         (the device names they trained on, sorted). Runs that predate that file give a group without these two keys,
         as before.
@@ -94,6 +100,7 @@ def aggregate_groups(runs: list[dict]) -> list[dict]:
             "final_metric": summarize([m["final_metric"] for m in members]),
             "best_metric": summarize([m["best_metric"] for m in members]),
             "train_runtime": summarize([m["train_runtime"] for m in members if m["train_runtime"] is not None]),
+            "train_time": train_time_record(members, disturbed or {}),
             "train_peak_memory_mb": summarize(
                 [m["train_peak_memory_mb"] for m in members if m["train_peak_memory_mb"] is not None]
             ),
@@ -141,8 +148,8 @@ def markdown_tables(
     lines = [f"Hardware: {devices.pop()}.", ""] if devices and not hardware_column else []
     extra_columns = (" adapter file (MB) |" if file_sizes else "") + (" hardware |" if hardware_column else "")
     lines += [
-        "| group | metric | n | final dev (mean ± std) | 95 % CI | best dev (mean ± std) | train time (s) | "
-        "peak memory (MB) | adapter params |" + extra_columns,
+        "| group | metric | n | final dev (mean ± std) | 95 % CI | best dev (mean ± std) | train time, undisturbed "
+        "runs (s) | peak memory (MB) | adapter params |" + extra_columns,
         "|---|---|---|---|---|---|---|---|---|" + "---|" * extra_columns.count("|"),
     ]
     for row in groups:
@@ -157,7 +164,7 @@ def markdown_tables(
             extra += f" {', '.join(row.get('hardware', [])) or '–'} |"
         lines.append(
             f"| {row['name']} | {row['metric_name']} | {final['n']} | {_format(final)} | {ci} | "
-            f"{_format(row['best_metric'])} | {_format(row['train_runtime'], 1)} | "
+            f"{_format(row['best_metric'])} | {format_train_time(row['train_time'])} | "
             f"{_format(row['train_peak_memory_mb'], 0)} | {params} |" + extra
         )
     if tests:
@@ -243,7 +250,8 @@ def aggregate_study(config: StudyConfig, figures: bool = True) -> dict:
             f"{config.path}` first."
         )
     results_dir = config.results_dir
-    groups = aggregate_groups(runs)
+    disturbed = read_disturbed_runs(config)
+    groups = aggregate_groups(runs, disturbed)
     tests = significance_tests(runs, config) if config.comparison_pairs else []
     correlations = capacity_correlations(runs, config.comparison_axis)
     capacity = summarize_capacity(correlations)
@@ -266,7 +274,8 @@ def aggregate_study(config: StudyConfig, figures: bool = True) -> dict:
             f.write(f"**Partial: {len(runs)} of {expected} runs finished.**\n\n")
         resumed = sum(1 for metrics in runs if (metrics.get("train_segments") or 1) > 1)
         f.write(
-            "Train time: each run's training wall time summed over its segments; "
+            "Train time: each run's training wall time summed over its segments, as the range of the runs nothing "
+            f"else shared the machine with ({len(disturbed)} run(s) marked disturbed in {DISTURBED_RUNS_FILE}); "
             + (
                 f"{resumed} run(s) were interrupted and resumed (the time lost after their last checkpoint is not "
                 "counted).\n\n"

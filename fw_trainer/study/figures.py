@@ -107,6 +107,36 @@ def bar_chart_figure(
     return figure
 
 
+def train_time_figure(panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]]) -> Figure:
+    """
+    Train time per method: each undisturbed run a dot, their range a bar from the fastest to the slowest with a tick at
+    the median; each disturbed run a red cross beside them, left out of the range (its time is not the method's cost).
+
+    Args:
+        panels (`dict`): Panel title (e.g. a task) → (label, e.g. a method → (undisturbed runs' seconds, disturbed
+            runs' seconds)).
+    """
+    figure = Figure(figsize=(1.2 + 3.4 * len(panels), 3.4), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, cells) in zip(axes, panels.items()):
+        labels = list(cells)
+        for i, label in enumerate(labels):
+            clean, disturbed = (np.asarray(values, dtype=float) for values in cells[label])
+            if len(clean):
+                ax.vlines(i, clean.min(), clean.max(), color=f"C{i}", linewidth=6, alpha=0.5)
+                ax.hlines(np.median(clean), i - 0.2, i + 0.2, color=f"C{i}")
+                ax.scatter(np.full(len(clean), i), clean, s=12, color="black", zorder=3)
+            if len(disturbed):
+                ax.scatter(np.full(len(disturbed), i + 0.25), disturbed, s=24, marker="x", color="red", zorder=3)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("train time (s)")
+    figure.suptitle(
+        "Train time: undisturbed runs (dots; bar: their range, tick: median); red ×: disturbed, left out", fontsize=10
+    )
+    return figure
+
+
 def dose_response_figure(
     panels: dict[str, dict[str, list[tuple[float, float]]]], baselines: dict[str, float], ylabel: str
 ) -> Figure:

@@ -22,6 +22,7 @@ from .figures import (
     correlation_figure,
     dose_response_figure,
     save_figure,
+    train_time_figure,
     training_curves_figure,
 )
 from .run_metrics import group_key, group_name
@@ -92,14 +93,16 @@ def study_figures(
         title = f"{context} ({row['metric_name']})"
         metric[title][label] = (row["final_metric"]["mean"], _half_width(row["final_metric"]))
         seeds[title][label] = row["final"]
-        runtime[context][label] = (row["train_runtime"]["mean"], row["train_runtime"]["std"])
+        per_run = row["train_time"]["per_run"]
+        runtime[context][label] = tuple(
+            [run["seconds"] for run in per_run if run["disturbed"] is disturbed and run["seconds"] is not None]
+            for disturbed in (False, True)
+        )
         if row["train_peak_memory_mb"]["mean"] is not None:
             memory[context][label] = (row["train_peak_memory_mb"]["mean"], row["train_peak_memory_mb"]["std"])
     figure = bar_chart_figure(metric, "final dev metric (mean, 95 % CI; dots: seeds)", points=seeds)
     paths += save_figure(figure, os.path.join(figures_dir, "dev_metric"))
-    paths += save_figure(
-        bar_chart_figure(runtime, "train time (s, mean ± std)", zoom=False), os.path.join(figures_dir, "train_time")
-    )
+    paths += save_figure(train_time_figure(runtime), os.path.join(figures_dir, "train_time"))
     if memory:
         figure = bar_chart_figure(memory, "peak memory (MB, mean ± std)", zoom=False)
         paths += save_figure(figure, os.path.join(figures_dir, "peak_memory"))
