@@ -32,7 +32,7 @@ from ..glue.completion import is_finished_run
 from ..state_files import write_json_atomic
 from .capacity import capacity_comparisons, capacity_correlations, summarize_capacity
 from .comparisons import significance_tests
-from .config import SEED_AXIS, StudyConfig, StudyConfigError
+from .config import SEED_AXIS, StudyConfig, StudyConfigError, exit_status
 from .disturbed_runs import DISTURBED_RUNS_FILE, format_train_time, read_disturbed_runs, train_time_record
 from .report_figures import run_figures, study_figures
 from .run_metrics import METRICS_FILE, group_key, group_name, read_run_metrics
@@ -125,12 +125,29 @@ def _format(summary: dict, digits: int = 4) -> str:
     return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
 
 
-def _p(value: Optional[float]) -> str:
+def format_p(value: Optional[float]) -> str:
     return "–" if value is None else f"{value:.3g}"
 
 
-def _interval(low: Optional[float], high: Optional[float], digits: int = 4) -> str:
+def format_interval(low: Optional[float], high: Optional[float], digits: int = 4) -> str:
     return "–" if low is None else f"[{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def comparison_columns(test: dict) -> str:
+    """A comparison's statistics as Markdown table cells: n, Δ mean, its t and bootstrap 95 % intervals, the t and
+    Wilcoxon p-values raw and Holm-adjusted, the smallest detectable difference and the verdict."""
+    difference, bootstrap, mdd = test["difference"], test["bootstrap"], test["minimum_detectable_difference"]
+    return " | ".join(
+        [
+            str(test["n"]),
+            f"{test['mean_difference']:+.4f}",
+            format_interval(difference["ci_low"], difference["ci_high"]),
+            format_interval(bootstrap["ci_low"], bootstrap["ci_high"]),
+            *(format_p(test[key]) for key in ("t_pvalue", "t_pvalue_holm", "wilcoxon_pvalue", "wilcoxon_pvalue_holm")),
+            "–" if mdd is None else f"{mdd:.4f}",
+            test["verdict"],
+        ]
+    )
 
 
 def markdown_tables(
@@ -179,18 +196,12 @@ def markdown_tables(
         ]
         for test in tests:
             per_seed = "; ".join(
-                f"seed {m['seed']}: {_p(m['pvalue'])} ({m['a_only_correct']}/{m['b_only_correct']})"
+                f"seed {m['seed']}: {format_p(m['pvalue'])} ({m['a_only_correct']}/{m['b_only_correct']})"
                 for m in test["mcnemar"]
             )
-            difference, bootstrap = test["difference"], test["bootstrap"]
-            mdd = test["minimum_detectable_difference"]
             lines.append(
                 f"| {group_name(tuple(test['group'].items())) or '–'} | {test['a']} vs {test['b']} | "
-                f"{test['metric_name']} | {test['n']} | {test['mean_difference']:+.4f} | "
-                f"{_interval(difference['ci_low'], difference['ci_high'])} | "
-                f"{_interval(bootstrap['ci_low'], bootstrap['ci_high'])} | {_p(test['t_pvalue'])} | "
-                f"{_p(test['t_pvalue_holm'])} | {_p(test['wilcoxon_pvalue'])} | {_p(test['wilcoxon_pvalue_holm'])} | "
-                f"{'–' if mdd is None else f'{mdd:.4f}'} | {test['verdict']} | {per_seed or '–'} |"
+                f"{test['metric_name']} | {comparison_columns(test)} | {per_seed or '–'} |"
             )
     if capacity:
         lines += [
@@ -205,8 +216,8 @@ def markdown_tables(
             measured, applied = row["measured_rho"], row["applied_rho"]
             lines.append(
                 f"| {row['group']} | {measured['n']} | {_format(measured, 3)} | "
-                f"{_interval(measured['ci_low'], measured['ci_high'], 3)} | {_format(applied, 3)} | "
-                f"{_interval(applied['ci_low'], applied['ci_high'], 3)} |"
+                f"{format_interval(measured['ci_low'], measured['ci_high'], 3)} | {_format(applied, 3)} | "
+                f"{format_interval(applied['ci_low'], applied['ci_high'], 3)} |"
             )
     if capacity_tests:
         lines += [
@@ -220,8 +231,9 @@ def markdown_tables(
             difference = test["difference"]
             lines.append(
                 f"| {group_name(tuple(test['group'].items())) or '–'} | {test['a']} vs {test['b']} | {test['n']} | "
-                f"{test['mean_difference']:+.3f} | {_interval(difference['ci_low'], difference['ci_high'], 3)} | "
-                f"{_p(test['t_pvalue'])} | {_p(test['wilcoxon_pvalue'])} |"
+                f"{test['mean_difference']:+.3f} | "
+                f"{format_interval(difference['ci_low'], difference['ci_high'], 3)} | "
+                f"{format_p(test['t_pvalue'])} | {format_p(test['wilcoxon_pvalue'])} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -316,7 +328,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "under the name of its results_dir (for a study run in parts, e.g. results/fisher_controls).",
     )
     args = parser.parse_args(argv)
-    try:
+
+    def aggregate() -> None:
         configs = [StudyConfig.from_yaml(path) for path in args.study]
         names = [os.path.basename(os.path.normpath(config.results_dir)) for config in configs]
         if args.combined_dir and len(set(names)) < len(names):
@@ -327,10 +340,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         written = {name: aggregate_study(config, figures=not args.no_figures) for name, config in zip(names, configs)}
         if args.combined_dir:
             write_combined(written, args.combined_dir)
-    except StudyConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_status(aggregate)
 
 
 if __name__ == "__main__":

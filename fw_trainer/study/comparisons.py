@@ -100,21 +100,13 @@ def significance_tests(runs: list[dict], config: StudyConfig) -> list[dict]:
         run_a = [by_cell[context, a, s] for s in seeds]
         run_b = [by_cell[context, b, s] for s in seeds]
         values_a, values_b = [m["final_metric"] for m in run_a], [m["final_metric"] for m in run_b]
-        differences = np.subtract(values_a, values_b)
         entry = {
             "group": dict(context),
             "axis": axis,
             "a": a,
             "b": b,
             "metric_name": run_a[0]["metric_name"],
-            "compared": "final dev metric",
-            "seeds": seeds,
-            "a_values": values_a,
-            "b_values": values_b,
-            **paired_tests(values_a, values_b),
-            "difference": summarize(differences),
-            "bootstrap": bootstrap_mean_ci(differences),
-            "minimum_detectable_difference": minimum_detectable_difference(differences, ALPHA, POWER),
+            **paired_comparison(seeds, values_a, values_b),
             "mcnemar": [],
         }
         for seed, one, two in zip(seeds, run_a, run_b):
@@ -122,6 +114,29 @@ def significance_tests(runs: list[dict], config: StudyConfig) -> list[dict]:
             if correct_one is not None and correct_two is not None:
                 entry["mcnemar"].append({"seed": seed, **mcnemar(correct_one, correct_two)})
         tests.append(entry)
+    return adjust_family(tests)
+
+
+def paired_comparison(seeds: list[str], values_a: list[float], values_b: list[float]) -> dict[str, Any]:
+    """The statistics of one comparison on the final dev metric, paired over `seeds`: the [`paired_tests`] fields,
+    `difference` ([`summarize`] of `a − b`), `bootstrap` ([`bootstrap_mean_ci`]) and
+    `minimum_detectable_difference`."""
+    differences = np.subtract(values_a, values_b)
+    return {
+        "compared": "final dev metric",
+        "seeds": seeds,
+        "a_values": values_a,
+        "b_values": values_b,
+        **paired_tests(values_a, values_b),
+        "difference": summarize(differences),
+        "bootstrap": bootstrap_mean_ci(differences),
+        "minimum_detectable_difference": minimum_detectable_difference(differences, ALPHA, POWER),
+    }
+
+
+def adjust_family(tests: list[dict]) -> list[dict]:
+    """Adds `t_pvalue_holm` and `wilcoxon_pvalue_holm` (Holm–Bonferroni over all of `tests`, one family) and the
+    `verdict` to each comparison; returns `tests`."""
     for key in ("t_pvalue", "wilcoxon_pvalue"):
         for test, adjusted in zip(tests, holm_bonferroni([test[key] for test in tests])):
             test[f"{key}_holm"] = adjusted

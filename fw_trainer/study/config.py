@@ -25,6 +25,8 @@ comparisons:                                # significance tests along one axis,
 import itertools
 import os
 import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -39,6 +41,17 @@ _REFERENCE = re.compile(r"^\$\{(\w+)\}$")
 
 class StudyConfigError(ValueError):
     """A study that cannot be run (its file, or its runs' arguments); the message says what to change."""
+
+
+def exit_status(action: Callable[[], Any]) -> int:
+    """Runs a command's `action`: 0 when it is done, 2 with its one `error:` paragraph on stderr when it raises
+    [`StudyConfigError`]."""
+    try:
+        action()
+    except StudyConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 class _RepeatedKey(yaml.YAMLError):

@@ -190,3 +190,34 @@ def correlation_figure(panels: dict[str, dict[str, tuple[Sequence[float], Option
         ax.set_ylabel("Spearman ρ")
         ax.set_title(title, fontsize=10)
     return figure
+
+
+def pareto_figure(task: str, rows: list[dict]) -> Figure:
+    """
+    Cost against benefit for one task, two panels: dev metric (mean, t 95 % interval) against adapter parameters and
+    against train time (median; horizontal bars: the range of undisturbed runs); cells on a frontier ringed.
+
+    Args:
+        task (`str`): The title.
+        rows (`list[dict]`): The task's rows of `fw_trainer.study.cost_benefit.cost_benefit_rows`.
+    """
+    figure = Figure(figsize=(9.0, 3.8), layout="constrained")
+    panels = figure.subplots(1, 2)
+    for ax, (axis, title) in zip(panels, (("params", "adapter parameters"), ("time", "train time (s), undisturbed"))):
+        for i, row in enumerate(rows):
+            cost = row["adapter_params"] if axis == "params" else row["train_time_median_s"]
+            if cost is None or row["mean"] is None:
+                continue
+            low = row["mean"] - row["ci_low"] if row["ci_low"] is not None else 0.0
+            high = row["ci_high"] - row["mean"] if row["ci_high"] is not None else 0.0
+            xerr = None
+            if axis == "time":
+                xerr = [[cost - row["train_time_min_s"]], [row["train_time_max_s"] - cost]]
+            ax.errorbar(cost, row["mean"], yerr=[[low], [high]], xerr=xerr, fmt="o", color=f"C{i}", capsize=3)
+            if row[f"frontier_{axis}"]:
+                ax.scatter([cost], [row["mean"]], s=160, facecolors="none", edgecolors="black", zorder=3)
+            ax.annotate(row["method"], (cost, row["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xlabel(title)
+        ax.set_ylabel(f"final dev {rows[0]['metric']}")
+    figure.suptitle(f"{task}: cost and benefit (mean, t 95 % CI; ringed: on the frontier, means only)", fontsize=10)
+    return figure
