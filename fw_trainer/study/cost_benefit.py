@@ -24,7 +24,7 @@ every method, is left out. A cell is on the frontier of an axis when no other ce
 least as high at a cost at most as low (one of the two strictly): the frontier reads the means and ignores the seed
 noise, which is what the comparisons are for.
 
-    python -m fw_trainer.study.cost_benefit configs/studies/peft_baselines_cost_benefit.yaml
+    python -m fw_trainer.study.cost_benefit configs/cost_benefit/peft_baselines.yaml
 
 writes `cost_benefit.csv`, `cost_benefit.md` and `figures/pareto_<task>.{png,pdf}` into `output_dir`.
 """
