@@ -3,12 +3,16 @@ against scipy and a frontier found by hand."""
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 from scipy import stats
 
-from fw_trainer.study.cost_benefit import frontier, main
+from fw_trainer.study.cost_benefit import frontier, main, read_spec
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def group(task, method, seeds, final, adapter_params=100, per_run=None):
@@ -105,7 +109,8 @@ def test_a_point_without_a_cost_is_on_no_frontier():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda s: s.update(metrics=s["metrics"] + [s["train_time"][0]]), "is in"),  # a cell's metric twice
+        (lambda s: s.update(metrics=s["metrics"] + [s["train_time"][0]]), "The cell sst2/lora is in"),
+        (lambda s: s.update(metrics=s["metrics"][0]), "`metrics` should be a list"),
         (lambda s: s.update(comparisons=[["fw", "adalora"]]), "name method(s) no aggregation holds: ['adalora']"),
         (lambda s: s.update(train_time=[s["metrics"][0]]), "holds no per-run train times"),
         (lambda s: s.update(typo=1), "unknown key(s) ['typo']"),
@@ -117,3 +122,49 @@ def test_bad_cost_benefit_files(spec, change, message, capsys):
     spec.write_text(yaml.safe_dump(content))
     assert main([str(spec), "--no_figures"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_pair_without_a_common_seed_is_an_error(spec, tmp_path, capsys):
+    """Cells of two studies with other seeds (Part B's 0-4 and the confirmatory study's 10-24) cannot be paired."""
+    content = yaml.safe_load(spec.read_text())
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"groups": [group("sst2", "late", ["10", "11"], [0.9, 0.91])]}))
+    content.update(metrics=content["metrics"] + [str(other)], comparisons=[["late", "lora"]])
+    spec.write_text(yaml.safe_dump(content))
+    assert main([str(spec), "--no_figures"]) == 2
+    assert "The comparison late − lora on sst2 has no seed on both sides" in capsys.readouterr().err
+
+
+def test_a_combined_aggregation_lists_a_cell_its_parts_share_once(spec, tmp_path):
+    """Part A's LoRA runs are Part B's too: a combined file holds them in both parts, and they are one cell."""
+    lora = group("sst2", "lora", ["0", "1", "2"], [0.80, 0.82, 0.84])
+    fw = group("sst2", "fw", ["0", "1", "2"], [0.81, 0.85, 0.86])
+    combined = tmp_path / "combined.json"
+    combined.write_text(json.dumps({"parts": {"part_a": {"groups": [lora]}, "part_b": {"groups": [lora, fw]}}}))
+    content = yaml.safe_load(spec.read_text())
+    content["metrics"][0] = str(combined)
+    spec.write_text(yaml.safe_dump(content))
+    assert main([str(spec), "--no_figures"]) == 0
+    rows = list(csv.DictReader((tmp_path / "out" / "cost_benefit.csv").open()))
+    assert sorted(row["method"] for row in rows) == ["dora", "fw", "lora"]
+    # Two different cells under one name are refused.
+    changed = dict(lora, final=[0.7, 0.7, 0.7])
+    combined.write_text(json.dumps({"parts": {"part_a": {"groups": [changed]}, "part_b": {"groups": [lora, fw]}}}))
+    assert main([str(spec), "--no_figures"]) == 2
+
+
+def test_a_comparison_of_one_seed_has_no_statistics_but_a_row(spec, tmp_path):
+    content = yaml.safe_load(spec.read_text())
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"groups": [group("sst2", "single", ["0"], [0.9])]}))
+    content.update(metrics=content["metrics"] + [str(one)], comparisons=[["single", "lora"]])
+    spec.write_text(yaml.safe_dump(content))
+    assert main([str(spec), "--no_figures"]) == 0
+    table = (tmp_path / "out" / "cost_benefit.md").read_text()
+    assert "| sst2 | single − lora | 1 | +0.1000 | – | – | – | – | – | – | – |" in table
+
+
+@pytest.mark.parametrize("path", sorted(REPO.glob("configs/cost_benefit/*.yaml")), ids=lambda p: p.stem)
+def test_every_committed_cost_benefit_file_parses(path):
+    spec = read_spec(str(path))
+    assert spec["comparisons"] and spec["metrics"]

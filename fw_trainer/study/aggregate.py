@@ -140,7 +140,7 @@ def comparison_columns(test: dict) -> str:
     return " | ".join(
         [
             str(test["n"]),
-            f"{test['mean_difference']:+.4f}",
+            "–" if test["mean_difference"] is None else f"{test['mean_difference']:+.4f}",
             format_interval(difference["ci_low"], difference["ci_high"]),
             format_interval(bootstrap["ci_low"], bootstrap["ci_high"]),
             *(format_p(test[key]) for key in ("t_pvalue", "t_pvalue_holm", "wilcoxon_pvalue", "wilcoxon_pvalue_holm")),
@@ -287,7 +287,13 @@ def aggregate_study(config: StudyConfig, figures: bool = True) -> dict:
         resumed = sum(1 for metrics in runs if (metrics.get("train_segments") or 1) > 1)
         f.write(
             "Train time: each run's training wall time summed over its segments, as the range of the runs nothing "
-            f"else shared the machine with ({len(disturbed)} run(s) marked disturbed in {DISTURBED_RUNS_FILE}); "
+            "else shared the machine with ("
+            + (
+                f"{len(disturbed)} run(s) marked disturbed in {DISTURBED_RUNS_FILE}"
+                if disturbed
+                else "none marked disturbed"
+            )
+            + "); "
             + (
                 f"{resumed} run(s) were interrupted and resumed (the time lost after their last checkpoint is not "
                 "counted).\n\n"

@@ -51,7 +51,8 @@ _KNOWN_KEYS = {"output_dir", "metrics", "train_time", "comparisons"}
 
 
 def _read_aggregation(path: str) -> list[dict]:
-    """The groups of an `aggregated_metrics.json` (of one study file, or each part of a combined one)."""
+    """The groups of an `aggregated_metrics.json` (of one study file, or each part of a combined one; a cell that two
+    parts share, such as Part A's LoRA runs reused by Part B, once)."""
     try:
         with open(path, encoding="utf-8") as f:
             document = json.load(f)
@@ -61,16 +62,28 @@ def _read_aggregation(path: str) -> list[dict]:
             "(`python -m fw_trainer.study.aggregate <study.yaml>`)."
         ) from error
     parts = document.get("parts", {"": document}) if isinstance(document, dict) else None
-    if not isinstance(parts, dict) or not all(isinstance(part.get("groups"), list) for part in parts.values()):
+    if not isinstance(parts, dict) or not all(
+        isinstance(part, dict) and isinstance(part.get("groups"), list) for part in parts.values()
+    ):
         raise StudyConfigError(f"{path} is not an aggregated_metrics.json: it has no `groups` list.")
-    return [group for part in parts.values() for group in part["groups"]]
+    groups = {}
+    for part, document in parts.items():
+        for group in document["groups"]:
+            same = groups.setdefault(group["name"], group)
+            if same is not group and (same["seeds"], same["final"]) != (group["seeds"], group["final"]):
+                raise StudyConfigError(
+                    f"{path}: its parts hold two different cells named {group['name']} (part {part} among them): "
+                    "list the parts' own aggregations instead."
+                )
+    return list(groups.values())
 
 
 def _cell(group: dict, path: str) -> tuple[str, str]:
+    """A group's cell: its labels on the `task` axis (else its task name) and on the `method` axis."""
     labels = group["group"]
     if "method" not in labels:
         raise StudyConfigError(f"{path}: group {group['name']} has no `method` axis to compare methods by.")
-    return labels.get("task", group["task_name"]), labels["method"]
+    return (labels["task"] if "task" in labels else group["task_name"]), labels["method"]
 
 
 def load_cells(metrics_paths: list[str], time_paths: list[str]) -> dict[tuple[str, str], dict]:
@@ -119,8 +132,17 @@ def load_cells(metrics_paths: list[str], time_paths: list[str]) -> dict[tuple[st
 
 
 def frontier(points: dict[str, tuple[float, Optional[float]]]) -> set[str]:
-    """The labels that no other point dominates: `(value, cost)`, higher value and lower cost better; a point without
-    a cost is on no frontier."""
+    """
+    The Pareto frontier of a task's cells.
+
+    Args:
+        points (`dict`): Label → `(value, cost)`: the dev metric, higher better (as every GLUE metric), and the cost,
+            lower better, or `None` when unknown.
+
+    Returns:
+        `set[str]`: The labels that no other point dominates (at least as high a value at most as high a cost, one of
+        the two strictly); a point without a cost is on no frontier.
+    """
     known = {label: point for label, point in points.items() if point[1] is not None}
 
     def dominated(value: float, cost: float) -> bool:
@@ -180,6 +202,11 @@ def comparisons(cells: dict[tuple[str, str], dict], pairs: list[tuple[str, str]]
                 dict(zip(cell_b["seeds"], cell_b["final"])),
             )
             seeds = [seed for seed in cell_a["seeds"] if seed in by_seed_b]
+            if not seeds:
+                raise StudyConfigError(
+                    f"The comparison {a} − {b} on {task} has no seed on both sides ({a}: {cell_a['seeds']}, {b}: "
+                    f"{cell_b['seeds']}): a comparison pairs the same seeds. Compare cells that share seeds."
+                )
             values_a, values_b = [by_seed_a[s] for s in seeds], [by_seed_b[s] for s in seeds]
             tests.append(
                 {
@@ -245,6 +272,9 @@ def read_spec(path: str) -> dict[str, Any]:
     unknown = sorted(set(spec) - _KNOWN_KEYS)
     if unknown:
         raise StudyConfigError(f"{path}: unknown key(s) {unknown}; a cost/benefit file has {sorted(_KNOWN_KEYS)}.")
+    for key in ("metrics", "train_time"):
+        if not isinstance(spec.get(key) or [], list):
+            raise StudyConfigError(f"{path}: `{key}` should be a list of aggregated_metrics.json paths.")
     pairs = spec.get("comparisons") or []
     if not all(isinstance(pair, list) and len(pair) == 2 for pair in pairs):
         raise StudyConfigError(f"{path}: each comparison should be a pair of methods, e.g. `[dora, lora]`.")
@@ -254,6 +284,8 @@ def read_spec(path: str) -> dict[str, Any]:
 def write_cost_benefit(spec: dict[str, Any], figures: bool = True) -> dict[str, Any]:
     """Writes the CSV, the Markdown tables, the comparisons (JSON) and the figures; returns the rows and tests."""
     cells = load_cells(spec["metrics"], spec["train_time"])
+    if not cells:
+        raise StudyConfigError(f"The aggregations {spec['metrics']} hold no cell: aggregate their studies first.")
     methods = {method for _, method in cells}
     missing = sorted({label for pair in spec["comparisons"] for label in pair} - methods)
     if missing:
