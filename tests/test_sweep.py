@@ -89,7 +89,7 @@ def test_a_reference_takes_the_value_of_the_runs_own_argument(tmp_path):
         ({"results_dir": "r", "axes": {"seed": [0]}}, "has no `output_dir`"),
         (
             {"output_dir": "o", "results_dir": "r", "axes": {"seed": [0]}, "args": {"fw_shuffle_seed": "${sed}"}},
-            "refers to `sed`, which is not an argument of this run",
+            "refers to `sed`, which is not an argument the study file gives this run",
         ),
         (
             {"output_dir": "o", "results_dir": "r", "axes": {"seed": [0]}, "args": {"a": "${b}", "b": "${seed}"}},

@@ -225,7 +225,12 @@ class StudyConfig:
                 continue
             name = match.group(1)
             if name not in args or (isinstance(args[name], str) and _REFERENCE.match(args[name])):
-                problem = "is not an argument of this run" if name not in args else "is itself a reference"
+                problem = (
+                    "is not an argument the study file gives this run (references resolve among `args` and the axes, "
+                    "not `base_config`)"
+                    if name not in args
+                    else "is itself a reference"
+                )
                 raise StudyConfigError(
                     f"{self.path}: `{key}: {value}` of run {StudyRun(labels, {}).name} refers to `{name}`, which "
                     f"{problem}; a `${{name}}` value takes the value of another argument the run has (e.g. "
