@@ -19,6 +19,7 @@ from conftest import load_script
 
 from fw_trainer.glue.arguments import make_parser, parse_args
 from fw_trainer.study.config import StudyConfig
+from fw_trainer.study.cost_benefit import read_spec
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ EXAMPLE_TESTS = {
 }
 # The options of programs the pages mention that are not this project's (their full parsers are not at hand).
 EXTERNAL_OPTIONS = {"pip install": {"--no-deps"}, "tensorboard": {"--logdir"}}
-STUDY_MODULES = ("fw_trainer.study.sweep", "fw_trainer.study.aggregate")
+STUDY_MODULES = ("fw_trainer.study.sweep", "fw_trainer.study.aggregate", "fw_trainer.study.cost_benefit")
 
 
 def flat(text: str) -> str:
@@ -194,7 +195,9 @@ def check_python_command(words: list[str], monkeypatch) -> None:
         return
     assert unknown_options(argv, parsed.parser) == []
     namespace = parsed.namespace
-    if program in STUDY_MODULES:  # the study files it names load
+    if program == "fw_trainer.study.cost_benefit":  # the cost/benefit file it names loads
+        read_spec(namespace.spec)
+    elif program in STUDY_MODULES:  # the study files it names load
         for study in [namespace.study] if isinstance(namespace.study, str) else namespace.study:
             StudyConfig.from_yaml(study)
 
