@@ -160,13 +160,17 @@ def markdown_tables(
     recorded them: one line above the table when every group trained on the same device, else a column), the
     comparisons, the capacity correlations per cell and the comparisons of those correlations."""
     file_sizes = any("adapter_file_bytes" in row for row in groups)
+    # Aggregations written before runs were marked disturbed have no per-run times: their column stays mean ± std.
+    time_ranges = all("train_time" in row for row in groups)
     devices = {", ".join(row["hardware"]) for row in groups if "hardware" in row}
     hardware_column = len(devices) > 1 or (bool(devices) and any("hardware" not in row for row in groups))
     lines = [f"Hardware: {devices.pop()}.", ""] if devices and not hardware_column else []
     extra_columns = (" adapter file (MB) |" if file_sizes else "") + (" hardware |" if hardware_column else "")
     lines += [
-        "| group | metric | n | final dev (mean ± std) | 95 % CI | best dev (mean ± std) | train time, undisturbed "
-        "runs (s) | peak memory (MB) | adapter params |" + extra_columns,
+        "| group | metric | n | final dev (mean ± std) | 95 % CI | best dev (mean ± std) | "
+        + ("train time, undisturbed runs (s)" if time_ranges else "train time (s)")
+        + " | peak memory (MB) | adapter params |"
+        + extra_columns,
         "|---|---|---|---|---|---|---|---|---|" + "---|" * extra_columns.count("|"),
     ]
     for row in groups:
@@ -181,7 +185,8 @@ def markdown_tables(
             extra += f" {', '.join(row.get('hardware', [])) or '–'} |"
         lines.append(
             f"| {row['name']} | {row['metric_name']} | {final['n']} | {_format(final)} | {ci} | "
-            f"{_format(row['best_metric'])} | {format_train_time(row['train_time'])} | "
+            f"{_format(row['best_metric'])} | "
+            f"{format_train_time(row['train_time']) if time_ranges else _format(row['train_runtime'], 1)} | "
             f"{_format(row['train_peak_memory_mb'], 0)} | {params} |" + extra
         )
     if tests:
