@@ -288,6 +288,10 @@ class FWLoraArguments:
             value = getattr(self, option.name)
             if value is not None and option.name != "method":
                 check_option(option.name, value)
+                if isinstance(value, float) and option.name in DOMAINS and DOMAINS[option.name].integer:
+                    # A whole float (`1.0` from a YAML file or a caller) is the count it names: kept a float, it fails
+                    # where it is used as one (a slice, `range`) and gives the run another identity than `1`.
+                    setattr(self, option.name, int(value))
         if self.lora_r is not None and self.lora_budget is not None:
             raise ValueError(
                 "`lora_r` and `lora_budget` are mutually exclusive: pass an explicit rank or a budget, not both."

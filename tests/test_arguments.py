@@ -3,12 +3,13 @@
 import inspect
 
 import pytest
+import torch
 from conftest import lora_model
 from transformers import HfArgumentParser, TrainingArguments
 
 from fw_trainer import FisherEstimator, FisherWeightedPenalty, FWLoraArguments, normalize_importances
-from fw_trainer.arguments import ESTIMATORS, METHODS, NORMALIZATIONS, PENALTIES
-from fw_trainer.importance import penalty_weights
+from fw_trainer.arguments import DOMAINS, ESTIMATORS, METHODS, NORMALIZATIONS, PENALTIES
+from fw_trainer.importance import exempt_largest, penalty_weights
 
 
 @pytest.mark.parametrize(
@@ -106,3 +107,19 @@ def test_from_args_builds_the_estimator_the_arguments_describe():
 def test_non_finite_numbers_are_refused(option, value):
     with pytest.raises(ValueError, match=f"`{option}` should be"):
         FWLoraArguments(**{option: value})
+
+
+@pytest.mark.parametrize("option", sorted(name for name, domain in DOMAINS.items() if domain.integer))
+def test_integer_options_given_as_whole_floats_become_integers(option):
+    # A YAML file or a Python caller can pass `1.0` where a count is meant; the value is allowed (it is whole) but was
+    # kept a float, which crashed where it is used as a count (`fw_exempt_top`: a slice at the freeze) and gave the run
+    # another identity than `1`.
+    value = DOMAINS[option].low + 1.0
+    args = FWLoraArguments(**{option: value})
+    assert type(getattr(args, option)) is int and getattr(args, option) == value
+
+
+def test_a_whole_float_exempt_count_exempts_that_many_matrices():
+    args = FWLoraArguments(fw_exempt_top=1.0, fw_power=0.0)
+    weights = exempt_largest(torch.ones(3), torch.tensor([0.2, 0.5, 0.3]), args.fw_exempt_top)
+    torch.testing.assert_close(weights, torch.tensor([1.0, 0.0, 1.0]))
