@@ -68,6 +68,11 @@ DOMAINS = {
     "fw_exempt_top": Domain("a non-negative integer", 0, integer=True),
 }
 
+# The options added after checkpoints were first written, with the value that does what the code before them did: a
+# checkpoint whose `fw_run_identity.json` and `fw_importance.json` lack one was trained with that value, and resumes as
+# such rather than being refused for a key it could not have.
+ADDED_OPTIONS = {"fw_shuffle_seed": None, "fw_exempt_top": 0}
+
 
 @dataclass
 class FWLoraArguments:

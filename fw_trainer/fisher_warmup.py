@@ -12,7 +12,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .adapted_matrices import AdaptedMatrix, find_adapted_matrices
-from .arguments import FWLoraArguments
+from .arguments import ADDED_OPTIONS, FWLoraArguments
 from .compilation import compile_backend
 from .errors import CheckpointError, WarmupDivergedError
 from .fisher_estimator import FisherEstimator
@@ -361,7 +361,12 @@ class FisherWarmupCallback(TrainerCallback):
                 "checkpoint of this run, or with the method it was trained with."
             )
         names = [matrix.name for matrix in find_adapted_matrices(model, self.adapter_name)]
-        self._state_to_restore = read_state_file(path, IMPORTANCE_SCHEMA, lambda state: state_problem(state, names))
+        self._state_to_restore = read_state_file(
+            path,
+            IMPORTANCE_SCHEMA,
+            lambda state: state_problem(state, names),
+            added_keys={name.removeprefix("fw_"): value for name, value in ADDED_OPTIONS.items()},
+        )
 
     def _recorded_options(self) -> dict[str, Any]:
         """The [`RECORDED_OPTIONS`], by their names in [`state_dict`]."""

@@ -16,7 +16,7 @@ import transformers
 from torch import nn
 from transformers import TrainingArguments
 
-from .arguments import FISHER_WEIGHTED_METHODS, FWLoraArguments
+from .arguments import ADDED_OPTIONS, FISHER_WEIGHTED_METHODS, FWLoraArguments
 from .errors import ABSENT, CheckpointError, RunMismatchError
 from .state_files import OBJECT_SCHEMA, RUN_IDENTITY_FILE, read_state_file, write_json_atomic
 from .version import __version__
@@ -168,14 +168,17 @@ def read_run_identity(checkpoint_dir: str) -> dict[str, Any]:
 def check_run_identity(checkpoint_dir: str, identity: dict[str, Any]) -> None:
     """
     Compares the identity saved in a checkpoint with the run asked for ([`run_identity`]). A difference in `run`
-    refuses the resume; a difference in `environment` is logged as a warning.
+    refuses the resume; a difference in `environment` is logged as a warning. An option the checkpoint's version of
+    fw-lora did not have ([`ADDED_OPTIONS`]) is compared as the value that does what that version did.
 
     Raises:
         `RunMismatchError`: Naming each field of `run` that differs, with both values.
         `CheckpointError`: If the checkpoint has no identity, or a damaged one.
     """
     saved = read_run_identity(checkpoint_dir)
-    differences = _differences(saved["run"], identity["run"])
+    # A checkpoint written before an option existed ran with the value that does what the code did then.
+    added = {name: value for name, value in ADDED_OPTIONS.items() if name in identity["run"]}
+    differences = _differences({**added, **saved["run"]}, identity["run"])
     if differences:
         raise RunMismatchError(checkpoint_dir, differences)
     changed = _differences(saved["environment"], identity["environment"])

@@ -129,7 +129,12 @@ def schema_problem(value: Any, schema: Schema, where: str = "it") -> Optional[st
     return None
 
 
-def read_state_file(path: str, schema: Schema, problem: Optional[Callable[[Any], Optional[str]]] = None) -> Any:
+def read_state_file(
+    path: str,
+    schema: Schema,
+    problem: Optional[Callable[[Any], Optional[str]]] = None,
+    added_keys: Optional[dict[str, Any]] = None,
+) -> Any:
     """
     Reads a JSON state file from a checkpoint (`fw_importance.json`, `fw_run_identity.json`), for a resume.
 
@@ -137,6 +142,8 @@ def read_state_file(path: str, schema: Schema, problem: Optional[Callable[[Any],
         path (`str`): The file.
         schema: What the file holds (see [`schema_problem`]).
         problem (`Callable`, *optional*): What else makes a content that fits the schema unusable, or `None`.
+        added_keys (`dict`, *optional*): Keys the file's schema gained after files were first written, with the value
+            an older file means by lacking one; set where the file (a JSON object) lacks them.
 
     Raises:
         `CheckpointError`: If the file is not valid JSON (a damaged file), does not fit `schema`, or `problem` names a
@@ -148,6 +155,8 @@ def read_state_file(path: str, schema: Schema, problem: Optional[Callable[[Any],
     except (OSError, UnicodeDecodeError, ValueError) as error:
         found = f"not valid JSON ({error})"
     else:
+        if isinstance(data, dict) and added_keys:
+            data = {**added_keys, **data}
         found = schema_problem(data, schema)
         if found is None and problem is not None:
             found = problem(data)

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from conftest import TokenDataset, lora_model, training_args
+from safetensors.torch import load_file
 
 from fw_trainer import (
     CheckpointError,
@@ -358,3 +359,24 @@ def test_a_diverging_learning_rate_freezes_importances_from_its_finite_steps(tmp
     assert torch.isfinite(diverged.importances).all() and diverged.importances.sum().item() == pytest.approx(1.0)
     torch.testing.assert_close(diverged.fisher, one_step.fisher)
     assert read_json(tmp_path / "diverging" / IMPORTANCE_FILE)["num_updates"] == 1
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_as_the_uninterrupted_run(finished_runs, tmp_path):
+    """Checkpoints written before `fw_shuffle_seed` and `fw_exempt_top` existed lack them in both state files; they
+    were trained with the values that do what the code did then, and resume as such."""
+    run = shutil.copytree(finished_runs["fw_lora"], tmp_path / "run")
+    added = {"fw_shuffle_seed": None, "fw_exempt_top": 0}
+    edit_identity(run, lambda identity: [identity["run"].pop(name) for name in added])
+    edit_importances(run, lambda state: [state.pop(name.removeprefix("fw_")) for name in added])
+    trainer = make_trainer(tmp_path / "out")
+    trainer.train(resume_from_checkpoint=str(run / "checkpoint-2"))
+    uninterrupted = read_json(finished_runs["fw_lora"] / "checkpoint-4" / IMPORTANCE_FILE)
+    assert read_json(tmp_path / "out" / "checkpoint-4" / IMPORTANCE_FILE) == uninterrupted
+    for name, tensor in load_file(finished_runs["fw_lora"] / "checkpoint-4" / "adapter_model.safetensors").items():
+        torch.testing.assert_close(
+            load_file(tmp_path / "out" / "checkpoint-4" / "adapter_model.safetensors")[name], tensor, rtol=0, atol=0
+        )
+
+    # Asking for another value than the one such a checkpoint ran with is another run.
+    with pytest.raises(RunMismatchError, match="fw_exempt_top: 0 in the checkpoint, 1 asked"):
+        make_trainer(tmp_path / "other", fw_kwargs={"fw_exempt_top": 1}).check_resume(str(run / "checkpoint-2"))
