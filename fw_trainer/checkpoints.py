@@ -89,7 +89,8 @@ def check_checkpoint(
         identity (`dict`): The [`run_identity`] of the run asked for.
         weights_only (`bool`, *optional*, defaults to `False`):
             Accept a checkpoint without the training state ([`missing_training_state`]: `--save_only_model`), which
-            then resumes as a warm start, with a new optimizer, schedule and random state; refused otherwise.
+            then resumes as a warm start: from its step to the end of the run, with its weights but a new optimizer,
+            a learning-rate schedule restarted from its first step and a new random state; refused otherwise.
 
     Raises:
         `CheckpointError`: Saying what is wrong with the checkpoint and what to do; a [`RunMismatchError`] when it is

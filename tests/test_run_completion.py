@@ -102,12 +102,27 @@ def make_trainer(output_dir, **args):
 def test_a_weights_only_checkpoint_is_refused_unless_asked_for(tmp_path):
     """Failed before: a `--save_only_model` checkpoint passed as complete; the resume restarted the optimizer and the
     learning-rate schedule (lr at step 200: 3.0e-5 instead of 2.5e-7) with only "Didn't find an RNG file"."""
-    make_trainer(tmp_path / "run", save_only_model=True).train()
+    run = make_trainer(tmp_path / "run", save_only_model=True, logging_steps=1)
+    run.train()
     checkpoint = str(tmp_path / "run" / "checkpoint-2")
     assert last_complete_checkpoint(str(tmp_path / "run")) is None
     with pytest.raises(CheckpointError, match="holds the weights but not the optimizer state .* scheduler"):
         make_trainer(tmp_path / "again").check_resume(checkpoint)
-    make_trainer(tmp_path / "warm").check_resume(checkpoint, weights_only=True)
+    warm = make_trainer(tmp_path / "warm", logging_steps=1)
+    warm.check_resume(checkpoint, weights_only=True)
+    warm.train(resume_from_checkpoint=checkpoint)
+
+    # What `--resume_weights_only` says it does: the remaining steps 3 and 4, on a schedule restarted from its first
+    # step (the learning rates of the run's steps 1 and 2), with the importances frozen at step 2.
+    def learning_rates(trainer, steps):
+        return [
+            entry["learning_rate"]
+            for entry in trainer.state.log_history
+            if entry.get("step") in steps and "learning_rate" in entry
+        ]
+
+    assert learning_rates(warm, (3, 4)) == learning_rates(run, (1, 2)) != learning_rates(run, (3, 4))
+    assert warm.state.global_step == 4 and warm.fisher_callback.frozen_at_step == 2
 
 
 def test_a_resumed_run_reports_the_train_time_of_all_its_segments(tmp_path):

@@ -216,8 +216,10 @@ class ScriptArguments:
     resume_weights_only: bool = field(
         default=False,
         metadata={
-            "help": "Accept a checkpoint saved with --save_only_model for --resume_from_checkpoint: it starts again "
-            "from its weights with a new optimizer, learning-rate schedule and random state (refused otherwise)."
+            "help": "Accept a checkpoint saved with --save_only_model for --resume_from_checkpoint (refused "
+            "otherwise), as a warm start: training goes on from the checkpoint's step to the end of the run with its "
+            "weights (and frozen importances), but a new optimizer, a learning-rate schedule restarted from its first "
+            "step and a new random state."
         },
     )
     hpo_trials: int = field(
