@@ -71,7 +71,13 @@ def last_complete_checkpoint(output_dir: str) -> Optional[str]:
     for step in sorted(steps, reverse=True):
         if is_complete_checkpoint(steps[step]):
             return steps[step]
-        logger.warning("Passing over %s: its save was interrupted (no valid %s).", steps[step], TRAINER_STATE_NAME)
+        if _read_trainer_state(steps[step]) is None:
+            reason = f"its save was interrupted (no valid {TRAINER_STATE_NAME})"
+        else:
+            reason = (
+                f"it holds the weights without {', '.join(missing_training_state(steps[step]))} (--save_only_model)"
+            )
+        logger.warning("Passing over %s: %s.", steps[step], reason)
     return None
 
 

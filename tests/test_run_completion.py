@@ -4,6 +4,7 @@ it holds what resuming needs; a resumed run's train time covers all its segments
 # ruff: noqa: F811  (the fixtures imported from tiny_glue_runs are parameters of the tests below)
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -99,13 +100,15 @@ def make_trainer(output_dir, **args):
     return FWLoraTrainer(model=model, args=arguments, train_dataset=TokenDataset(), fw_args=fw_args)
 
 
-def test_a_weights_only_checkpoint_is_refused_unless_asked_for(tmp_path):
+def test_a_weights_only_checkpoint_is_refused_unless_asked_for(tmp_path, caplog):
     """Failed before: a `--save_only_model` checkpoint passed as complete; the resume restarted the optimizer and the
     learning-rate schedule (lr at step 200: 3.0e-5 instead of 2.5e-7) with only "Didn't find an RNG file"."""
     run = make_trainer(tmp_path / "run", save_only_model=True, logging_steps=1)
     run.train()
     checkpoint = str(tmp_path / "run" / "checkpoint-2")
-    assert last_complete_checkpoint(str(tmp_path / "run")) is None
+    with caplog.at_level(logging.WARNING, logger="fw_trainer"):
+        assert last_complete_checkpoint(str(tmp_path / "run")) is None
+    assert "checkpoint-2: it holds the weights without the optimizer state" in caplog.text  # not "interrupted"
     with pytest.raises(CheckpointError, match="holds the weights but not the optimizer state .* scheduler"):
         make_trainer(tmp_path / "again").check_resume(checkpoint)
     warm = make_trainer(tmp_path / "warm", logging_steps=1)
