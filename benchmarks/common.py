@@ -180,7 +180,7 @@ def padding_collator(pad_token_id: int, pad_to_multiple_of: int) -> DataCollator
 
 def read_lengths(path: str) -> dict[int, int]:
     """The `{length: count}` histogram of a lengths file written by `sst2_lengths.py`."""
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return {int(length): count for length, count in json.load(f)["histogram"].items()}
 
 
@@ -315,6 +315,6 @@ def write_figures(figures: dict, args: argparse.Namespace) -> dict:
         **figures,
     }
     if args.output:
-        with open(args.output, "w") as f:
+        with open(args.output, "w", encoding="utf-8") as f:
             json.dump(figures, f, indent=2)
     return figures

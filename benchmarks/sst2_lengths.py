@@ -53,7 +53,7 @@ def write_sst2_lengths(glue_dir: str, path: str = common.LENGTHS_FILE) -> dict[i
         "mean": round(statistics.fmean(lengths), 3),
         "histogram": {str(length): histogram[length] for length in sorted(histogram)},
     }
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(document, f, indent=1)
         f.write("\n")
     return dict(histogram)
