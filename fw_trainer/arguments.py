@@ -292,11 +292,7 @@ class FWLoraArguments:
         for option in fields(self):
             value = getattr(self, option.name)
             if value is not None and option.name != "method":
-                check_option(option.name, value)
-                if isinstance(value, float) and option.name in DOMAINS and DOMAINS[option.name].integer:
-                    # A whole float (`1.0` from a YAML file or a caller) is the count it names: kept a float, it fails
-                    # where it is used as one (a slice, `range`) and gives the run another identity than `1`.
-                    setattr(self, option.name, int(value))
+                setattr(self, option.name, check_option(option.name, value))
         if self.lora_r is not None and self.lora_budget is not None:
             raise ValueError(
                 "`lora_r` and `lora_budget` are mutually exclusive: pass an explicit rank or a budget, not both."
@@ -374,12 +370,17 @@ def default_of(name: str) -> Any:
     return option.default if option.default is not MISSING else option.default_factory()
 
 
-def check_option(name: str, value: Any, argument: Optional[str] = None) -> None:
+def check_option(name: str, value: Any, argument: Optional[str] = None) -> Any:
     """
     Checks one value of the [`FWLoraArguments`] field `name` against its allowed values (the field's `choices`) or its
-    [`Domain`]; the dataclass and the classes that take the same option as a keyword argument (e.g. [`FisherEstimator`]
-    takes `fw_ema_decay` as `ema_decay`) all check it here. `argument` is the name the message gives the value (the
-    keyword argument of such a class), by default `name`.
+    [`Domain`]; the dataclass and the classes and functions that take the same option as a keyword argument (e.g.
+    [`FisherEstimator`] takes `fw_ema_decay` as `ema_decay`) all check it here, and use the value it returns.
+    `argument` is the name the message gives the value (the keyword argument of such a class), by default `name`.
+
+    Returns:
+        The value, as an `int` where the option takes integers and a whole float was passed (`4.0` from a Python
+        caller or `HfArgumentParser.parse_dict`): kept a float, a count fails where it is used as one (a tensor's
+        size, a slice) and a step count fails the schema of the checkpoint that records it.
 
     Raises:
         `ValueError`: Naming the option, what it should be and the value passed.
@@ -391,6 +392,9 @@ def check_option(name: str, value: Any, argument: Optional[str] = None) -> None:
     domain = DOMAINS.get(name)
     if domain is not None and value not in domain:
         raise ValueError(f"`{argument}` should be {domain.text}, but the value passed is {value!r}.")
+    if domain is not None and domain.integer and isinstance(value, float):
+        return int(value)
+    return value
 
 
 _FIELDS = {option.name: option for option in fields(FWLoraArguments)}

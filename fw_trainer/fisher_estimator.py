@@ -146,14 +146,16 @@ class FisherEstimator:
         compile_backend: Optional[str] = None,
     ):
         # The options of `FWLoraArguments` without their `fw_` prefix: checked where they are defined.
-        for name, value in (
-            ("statistic", statistic),
-            ("average", average),
-            ("ema_decay", ema_decay),
-            ("estimator", estimator),
-            ("sketch_probes", sketch_probes),
-        ):
+        statistic, average, ema_decay, estimator, sketch_probes = (
             check_option(f"fw_{name}", value, argument=name)
+            for name, value in (
+                ("statistic", statistic),
+                ("average", average),
+                ("ema_decay", ema_decay),
+                ("estimator", estimator),
+                ("sketch_probes", sketch_probes),
+            )
+        )
         self.statistic = statistic
         self.average = average
         self.ema_decay = ema_decay

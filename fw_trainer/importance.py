@@ -95,6 +95,7 @@ def exempt_largest(weights: torch.Tensor, fisher: torch.Tensor, count: int) -> t
         fisher (`torch.Tensor`): The measured (unpermuted) Fisher proxies, shape `(M,)`, on the device of `weights`.
         count (`int`): How many matrices to exempt, `0 <= count < M`.
     """
+    count = check_option("fw_exempt_top", count, argument="count")
     if count == 0:
         return weights
     largest = torch.argsort(fisher, descending=True, stable=True)[:count]
@@ -104,5 +105,6 @@ def exempt_largest(weights: torch.Tensor, fisher: torch.Tensor, count: int) -> t
 def shuffled(importances: torch.Tensor, seed: int) -> torch.Tensor:
     """The importances permuted across matrices by a generator seeded with `seed` (on the CPU, so that the permutation
     is the same on every device): the shuffled control, the same values assigned at random."""
+    seed = check_option("fw_shuffle_seed", seed, argument="seed")
     permutation = torch.randperm(importances.numel(), generator=torch.Generator().manual_seed(seed))
     return importances[permutation.to(importances.device)]

@@ -9,7 +9,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from fw_trainer import FisherEstimator, FisherWeightedPenalty, FWLoraArguments, normalize_importances
 from fw_trainer.arguments import DOMAINS, ESTIMATORS, METHODS, NORMALIZATIONS, PENALTIES
-from fw_trainer.importance import exempt_largest, penalty_weights
+from fw_trainer.importance import exempt_largest, penalty_weights, shuffled
 
 
 @pytest.mark.parametrize(
@@ -111,15 +111,20 @@ def test_non_finite_numbers_are_refused(option, value):
 
 @pytest.mark.parametrize("option", sorted(name for name, domain in DOMAINS.items() if domain.integer))
 def test_integer_options_given_as_whole_floats_become_integers(option):
-    # A YAML file or a Python caller can pass `1.0` where a count is meant; the value is allowed (it is whole) but was
-    # kept a float, which crashed where it is used as a count (`fw_exempt_top`: a slice at the freeze) and gave the run
-    # another identity than `1`.
+    # A Python caller (or `HfArgumentParser.parse_dict`) can pass `1.0` where a count is meant; the value is allowed
+    # (it is whole) but was kept a float, which failed where it is used as a count (a slice at the freeze, a tensor's
+    # size) and in the schema of the checkpoint files that record it.
     value = DOMAINS[option].low + 1.0
     args = FWLoraArguments(**{option: value})
     assert type(getattr(args, option)) is int and getattr(args, option) == value
 
 
-def test_a_whole_float_exempt_count_exempts_that_many_matrices():
-    args = FWLoraArguments(fw_exempt_top=1.0, fw_power=0.0)
-    weights = exempt_largest(torch.ones(3), torch.tensor([0.2, 0.5, 0.3]), args.fw_exempt_top)
-    torch.testing.assert_close(weights, torch.tensor([1.0, 0.0, 1.0]))
+def test_functions_that_take_a_count_take_a_whole_float_as_that_count():
+    """Failed before: `exempt_largest` with `1.0` raised "slice indices must be integers", a sketch estimator with
+    `sketch_probes=2.0` a TypeError from `torch.empty`."""
+    fisher = torch.tensor([0.2, 0.5, 0.3])
+    torch.testing.assert_close(exempt_largest(torch.ones(3), fisher, 1.0), torch.tensor([1.0, 0.0, 1.0]))
+    torch.testing.assert_close(shuffled(fisher, 3.0), shuffled(fisher, 3))
+    model, _ = lora_model()
+    estimator = FisherEstimator(model, estimator="sketch", sketch_probes=2.0)
+    assert type(estimator.sketch_probes) is int and estimator.sketch_probes == 2
