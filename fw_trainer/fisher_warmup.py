@@ -351,7 +351,8 @@ class FisherWarmupCallback(TrainerCallback):
         Raises:
             `CheckpointError`: If the checkpoint has no `fw_importance.json` (every checkpoint of an FW-LoRA or
                 IW-LoRA run has one), or the file is damaged (not valid JSON) or inconsistent (unknown or missing
-                keys, values of the wrong type, other adapted matrices than the model's).
+                keys, values of the wrong type, other adapted matrices than the model's). A file written before an
+                option existed lacks its key ([`ADDED_OPTIONS`]) and is read with the option's no-op value.
         """
         path = os.path.join(checkpoint_dir, IMPORTANCE_FILE)
         if not os.path.isfile(path):
@@ -365,7 +366,9 @@ class FisherWarmupCallback(TrainerCallback):
             path,
             IMPORTANCE_SCHEMA,
             lambda state: state_problem(state, names),
-            added_keys={name.removeprefix("fw_"): value for name, value in ADDED_OPTIONS.items()},
+            added_keys={
+                name.removeprefix("fw_"): value for name, value in ADDED_OPTIONS.items() if name in RECORDED_OPTIONS
+            },
         )
 
     def _recorded_options(self) -> dict[str, Any]:

@@ -13,12 +13,14 @@ from safetensors.torch import load_file
 
 from fw_trainer import (
     CheckpointError,
+    FWLoraArguments,
     FWLoraTrainer,
     RunMismatchError,
     WarmupDivergedError,
     last_complete_checkpoint,
     run_identity,
 )
+from fw_trainer.arguments import ADDED_OPTIONS
 from fw_trainer.errors import ABSENT
 from fw_trainer.identity import TRAINING_FIELDS
 from fw_trainer.state_files import IMPORTANCE_FILE, RUN_IDENTITY_FILE
@@ -365,7 +367,7 @@ def test_a_checkpoint_from_before_an_option_existed_resumes_as_the_uninterrupted
     """Checkpoints written before `fw_shuffle_seed` and `fw_exempt_top` existed lack them in both state files; they
     were trained with the values that do what the code did then, and resume as such."""
     run = shutil.copytree(finished_runs["fw_lora"], tmp_path / "run")
-    added = {"fw_shuffle_seed": None, "fw_exempt_top": 0}
+    added = ("fw_shuffle_seed", "fw_exempt_top")
     edit_identity(run, lambda identity: [identity["run"].pop(name) for name in added])
     edit_importances(run, lambda state: [state.pop(name.removeprefix("fw_")) for name in added])
     trainer = make_trainer(tmp_path / "out")
@@ -380,3 +382,10 @@ def test_a_checkpoint_from_before_an_option_existed_resumes_as_the_uninterrupted
     # Asking for another value than the one such a checkpoint ran with is another run.
     with pytest.raises(RunMismatchError, match="fw_exempt_top: 0 in the checkpoint, 1 asked"):
         make_trainer(tmp_path / "other", fw_kwargs={"fw_exempt_top": 1}).check_resume(str(run / "checkpoint-2"))
+
+
+def test_the_added_options_no_op_values_are_their_defaults():
+    """`ADDED_OPTIONS` says what a checkpoint that lacks an option ran with: the value that does what the code did
+    before the option existed, which is the option's default (a run that does not ask for it)."""
+    defaults = FWLoraArguments()
+    assert {name: getattr(defaults, name) for name in ADDED_OPTIONS} == ADDED_OPTIONS
