@@ -61,24 +61,37 @@ def last_complete_checkpoint(output_dir: str) -> Optional[str]:
     `None`. Unlike transformers' `get_last_checkpoint`, it passes over a checkpoint left incomplete by a run killed
     while saving it (with a warning), so that the run resumes from the one before.
     """
+    for checkpoint in _checkpoints_last_first(output_dir):
+        if is_complete_checkpoint(checkpoint):
+            return checkpoint
+        if _read_trainer_state(checkpoint) is None:
+            reason = f"its save was interrupted (no valid {TRAINER_STATE_NAME})"
+        else:
+            missing = ", ".join(missing_training_state(checkpoint))
+            reason = f"it holds the weights without {missing} (--save_only_model)"
+        logger.warning("Passing over %s: %s.", checkpoint, reason)
+    return None
+
+
+def last_weights_only_checkpoint(output_dir: str) -> Optional[str]:
+    """The checkpoint with the highest step in `output_dir` whose save finished but which holds the weights without
+    the training state (`--save_only_model`): what `--resume_weights_only` can warm-start from; or `None`."""
+    for checkpoint in _checkpoints_last_first(output_dir):
+        if _read_trainer_state(checkpoint) is not None and missing_training_state(checkpoint):
+            return checkpoint
+    return None
+
+
+def _checkpoints_last_first(output_dir: str) -> list[str]:
+    """The `checkpoint-<step>` folders of `output_dir`, highest step first."""
     if not os.path.isdir(output_dir):
-        return None
+        return []
     steps = {}
     for name in os.listdir(output_dir):
         match = _CHECKPOINT_NAME.match(name)
         if match and os.path.isdir(os.path.join(output_dir, name)):
             steps[int(match.group(1))] = os.path.join(output_dir, name)
-    for step in sorted(steps, reverse=True):
-        if is_complete_checkpoint(steps[step]):
-            return steps[step]
-        if _read_trainer_state(steps[step]) is None:
-            reason = f"its save was interrupted (no valid {TRAINER_STATE_NAME})"
-        else:
-            reason = (
-                f"it holds the weights without {', '.join(missing_training_state(steps[step]))} (--save_only_model)"
-            )
-        logger.warning("Passing over %s: %s.", steps[step], reason)
-    return None
+    return [steps[step] for step in sorted(steps, reverse=True)]
 
 
 def check_checkpoint(
@@ -95,8 +108,9 @@ def check_checkpoint(
         identity (`dict`): The [`run_identity`] of the run asked for.
         weights_only (`bool`, *optional*, defaults to `False`):
             Accept a checkpoint without the training state ([`missing_training_state`]: `--save_only_model`), which
-            then resumes as a warm start: from its step to the end of the run, with its weights but a new optimizer,
-            a learning-rate schedule restarted from its first step and a new random state; refused otherwise.
+            then resumes as a warm start: from its step to the end of the run, with its weights and Fisher warm-up
+            state but a new optimizer, a learning-rate schedule restarted from its first step and a new random state;
+            refused otherwise.
 
     Raises:
         `CheckpointError`: Saying what is wrong with the checkpoint and what to do; a [`RunMismatchError`] when it is

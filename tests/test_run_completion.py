@@ -20,6 +20,7 @@ from fw_trainer.glue.completion import (
     is_finished_run,
     write_completion,
 )
+from fw_trainer.state_files import IMPORTANCE_FILE
 from fw_trainer.study.aggregate import load_finished_runs
 from fw_trainer.study.config import StudyConfig, StudyConfigError
 from fw_trainer.study.run_metrics import METRICS_FILE
@@ -126,6 +127,8 @@ def test_a_weights_only_checkpoint_is_refused_unless_asked_for(tmp_path, caplog)
 
     assert learning_rates(warm, (3, 4)) == learning_rates(run, (1, 2)) != learning_rates(run, (3, 4))
     assert warm.state.global_step == 4 and warm.fisher_callback.frozen_at_step == 2
+    saved = json.loads((tmp_path / "run" / "checkpoint-2" / IMPORTANCE_FILE).read_text())
+    assert warm.fisher_callback.importances.tolist() == [row["importance"] for row in saved["modules"].values()]
 
 
 def test_a_resumed_run_reports_the_train_time_of_all_its_segments(tmp_path):

@@ -76,6 +76,12 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def strip_training_state(checkpoint: Path) -> None:
+    """The checkpoint as `--save_only_model` writes it: without the optimizer's, scheduler's and generators' state."""
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (checkpoint / name).unlink()
+
+
 def edit_json(path: Path, edit) -> None:
     state = read_json(path)
     edit(state)
@@ -110,6 +116,13 @@ RESUME_FAULTS = {
         lambda out: (shutil.rmtree(out / "checkpoint-4"), truncate(out / "checkpoint-8" / "trainer_state.json")),
         "is not empty and holds no complete checkpoint to resume from",
         "Pass --overwrite_output_dir to write into it anyway",
+    ),
+    # Only `--save_only_model` checkpoints: the way to warm-start from one is named, not only the way to delete it.
+    "only_weights_only_checkpoints": (
+        [],
+        lambda out: (shutil.rmtree(out / "checkpoint-4"), strip_training_state(out / "checkpoint-8")),
+        "Its last checkpoint, {out}/checkpoint-8, holds the weights without the training state",
+        "pass --resume_from_checkpoint {out}/checkpoint-8 --resume_weights_only to warm-start from it",
     ),
     "damaged_importances": (
         [],
@@ -181,8 +194,11 @@ def test_a_checkpoint_fault_is_one_paragraph_and_changes_nothing(
     extra = [arg.format(out=interrupted) for arg in extra]
     assert run(base_args(tiny_model_dir, glue_dir, interrupted, *extra)) == 2
     error = error_paragraph(capsys.readouterr().err)
-    assert message.format(out=interrupted) in error and remedy in error
-    if fault != "no_complete_checkpoint":  # the library's checkpoint errors, with the script's way to a new run
+    assert message.format(out=interrupted) in error and remedy.format(out=interrupted) in error
+    if fault not in (
+        "no_complete_checkpoint",
+        "only_weights_only_checkpoints",
+    ):  # the library's checkpoint errors, with the script's way to a new run
         assert NEW_RUN in error
     assert tree(interrupted) == before
 

@@ -218,8 +218,8 @@ class ScriptArguments:
         metadata={
             "help": "Accept a checkpoint saved with --save_only_model for --resume_from_checkpoint (refused "
             "otherwise), as a warm start: training goes on from the checkpoint's step to the end of the run with its "
-            "weights (and frozen importances), but a new optimizer, a learning-rate schedule restarted from its first "
-            "step and a new random state."
+            "weights and Fisher warm-up state (the frozen importances, once frozen), but a new optimizer, a "
+            "learning-rate schedule restarted from its first step and a new random state."
         },
     )
     hpo_trials: int = field(

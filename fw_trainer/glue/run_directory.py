@@ -13,7 +13,7 @@ import shutil
 import socket
 from typing import Any, Optional
 
-from ..checkpoints import last_complete_checkpoint
+from ..checkpoints import last_complete_checkpoint, last_weights_only_checkpoint
 from ..errors import UsageError
 from .completion import RUN_COMPLETE_FILE, completion_problem
 from .run_files import LOCK_FILE, RUN_OUTPUTS
@@ -58,10 +58,18 @@ def checkpoint_to_resume(
         )
     last_checkpoint = last_complete_checkpoint(output_dir) if do_train else None
     if last_checkpoint is None:
+        weights_only = last_weights_only_checkpoint(output_dir) if do_train else None
+        warm_start = (
+            f" Its last checkpoint, {weights_only}, holds the weights without the training state (--save_only_model): "
+            f"pass --resume_from_checkpoint {weights_only} --resume_weights_only to warm-start from it (the "
+            "optimizer and the learning-rate schedule start again), which --overwrite_output_dir would delete."
+            if weights_only is not None
+            else ""
+        )
         raise UsageError(
             f"The output directory {output_dir} is not empty and holds no complete checkpoint to resume from (nor a "
-            f"finished run: {unfinished}). Nothing was changed. Pass --overwrite_output_dir to write into it anyway, "
-            "or choose another --output_dir."
+            f"finished run: {unfinished}). Nothing was changed.{warm_start} Pass --overwrite_output_dir to write into "
+            "it anyway, or choose another --output_dir."
         )
     logger.info(
         "Checkpoint detected, resuming training at %s. To avoid this behavior, change the `--output_dir` or add "
