@@ -12,12 +12,12 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .adapted_matrices import AdaptedMatrix, find_adapted_matrices
-from .arguments import ADDED_OPTIONS, FWLoraArguments
+from .arguments import FWLoraArguments
 from .compilation import compile_backend
 from .errors import CheckpointError, WarmupDivergedError
 from .fisher_estimator import FisherEstimator
 from .importance import exempt_largest, normalize_importances, penalty_weights, shuffled
-from .importance_file import IMPORTANCE_SCHEMA, RECORDED_OPTIONS, format_importance_table, state_problem
+from .importance_file import ADDED_KEYS, IMPORTANCE_SCHEMA, RECORDED_OPTIONS, format_importance_table, state_problem
 from .penalty import FisherWeightedPenalty
 from .state_files import (
     IMPORTANCE_FILE,
@@ -363,12 +363,7 @@ class FisherWarmupCallback(TrainerCallback):
             )
         names = [matrix.name for matrix in find_adapted_matrices(model, self.adapter_name)]
         self._state_to_restore = read_state_file(
-            path,
-            IMPORTANCE_SCHEMA,
-            lambda state: state_problem(state, names),
-            added_keys={
-                name.removeprefix("fw_"): value for name, value in ADDED_OPTIONS.items() if name in RECORDED_OPTIONS
-            },
+            path, IMPORTANCE_SCHEMA, lambda state: state_problem(state, names), added_keys=ADDED_KEYS
         )
 
     def _recorded_options(self) -> dict[str, Any]:

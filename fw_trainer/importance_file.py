@@ -3,6 +3,7 @@ and its importance table."""
 
 from typing import Optional
 
+from .arguments import ADDED_OPTIONS
 from .state_files import COUNT, NON_NEGATIVE, STEP_COUNT, MappingOf, nullable
 
 
@@ -29,6 +30,9 @@ RECORDED_OPTIONS = {
     "fw_shuffle_seed": nullable(int),
     "fw_exempt_top": COUNT,
 }
+# The recorded options added after files were first written, by their keys: a file that lacks one ran with the option's
+# no-op value ([`ADDED_OPTIONS`]).
+ADDED_KEYS = {name.removeprefix("fw_"): value for name, value in ADDED_OPTIONS.items() if name in RECORDED_OPTIONS}
 IMPORTANCE_SCHEMA = {
     "frozen": bool,
     "frozen_at_step": nullable(STEP_COUNT),
